@@ -1,0 +1,303 @@
+"""The ``vitxai`` command: a thin layer over the library.
+
+Sub-commands: ``compare`` (the comparison, default on the bundled benchmark), ``methods``
+(the registry), ``data imagenette`` (download), ``train-benchmark`` (retrain the bundled ViT).
+Errors the user can fix are printed as one line (``vitxai: error: ...``) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_IMAGENET_MODEL = "vit_base_patch16_224.orig_in21k_ft_in1k"  # the original comparison's
+SYNTHETIC_DEFAULT_SIZE = 12
+
+
+def _parse_assignments(items: Sequence[str], what: str) -> dict[str, Any]:
+    """["a.b=1", "c=x"] → {"a.b": 1, "c": "x"} with JSON-ish values."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {item!r} must look like NAME=VALUE")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _method_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    from vitxai.methods import get_method
+
+    overrides: dict[str, dict[str, Any]] = {}
+    for key, value in _parse_assignments(args.param, "--param").items():
+        method, dot, name = key.partition(".")
+        if not dot:
+            raise ValueError(f"--param {key!r} must look like METHOD.PARAMETER=VALUE")
+        spec = get_method(method)
+        if name == "segmentation" or name.startswith("segmentation."):
+            raise ValueError("set segmentation with --segmentation, not --param")
+        overrides.setdefault(spec.name, {})[name] = value
+    for name, value in (("head_fusion", args.head_fusion), ("discard_ratio", args.discard_ratio)):
+        if value is not None:
+            overrides.setdefault("attention_rollout", {})[name] = value
+    return overrides
+
+
+def _segmentation_overrides(args: argparse.Namespace, methods: Sequence[str],
+                            overrides: dict[str, dict[str, Any]]) -> None:
+    if not args.segmentation:
+        return
+    from vitxai.methods import get_method
+    from vitxai.methods.perturbation import SegmentationParams
+
+    seg = SegmentationParams(**_parse_assignments(args.segmentation, "--segmentation"))
+    for m in methods:
+        spec = get_method(m)
+        if "segments" in spec.uses:
+            overrides.setdefault(spec.name, {})["segmentation"] = seg
+
+
+def _load_model_and_data(args: argparse.Namespace):
+    """The (adapter, dataset, notes) that ``--model``/``--data`` describe."""
+    import torch
+
+    from vitxai.data import FolderDataset, Imagenette, eval_transform
+    from vitxai.models import load_model
+
+    notes: list[str] = []
+    data = args.data
+    model_name = args.model or ("bundled" if data == "synthetic" else DEFAULT_IMAGENET_MODEL)
+    if model_name == "bundled":
+        from vitxai.models.bundled import load_bundled_model
+
+        if args.checkpoint:
+            raise ValueError("--checkpoint needs --model NAME (the bundled model has its own)")
+        adapter = load_bundled_model(device=args.device)
+        notes.append("embedded default: vitxai's bundled ViT trained on the synthetic "
+                     "ground-truth benchmark (not an ImageNet model)")
+    else:
+        adapter = load_model(model_name, pretrained=not args.random_weights,
+                             checkpoint=args.checkpoint, device=args.device)
+        if args.random_weights and not args.checkpoint:
+            notes.append(f"{model_name} has RANDOM weights (--random-weights)")
+    if args.precision == "float64":
+        adapter.to(dtype=torch.float64)
+    if data == "synthetic":
+        from vitxai.data.synthetic import SyntheticBenchmark
+
+        dataset = SyntheticBenchmark(split=args.split or "single",
+                                     size=args.n_images or SYNTHETIC_DEFAULT_SIZE,
+                                     seed=args.data_seed)
+    elif data == "imagenette":
+        dataset = Imagenette(root=args.data_root, variant=args.variant, split=args.split or "val",
+                             transform=eval_transform(adapter.data_config))
+    else:
+        dataset = FolderDataset(data, transform=eval_transform(adapter.data_config))
+    return adapter, dataset, notes
+
+
+def _default_out(args: argparse.Namespace, model: str) -> Path:
+    data = Path(args.data).stem if args.data not in ("synthetic", "imagenette") else args.data
+    split = args.split or ""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{data}-{split}-{model}".replace("--", "-"))
+    return Path("runs") / slug.strip("-")
+
+
+def _print_summary(agg: dict[str, Any], out: Path, seconds: float) -> None:
+    sub = agg["subsets"]["all"]
+    names = agg["methods"]
+    print(f"\n{sub['n_images']} images in {seconds:.1f} s; run directory: {out}")
+    if agg.get("skipped"):
+        print(f"skipped {len(agg['skipped'])} unreadable images (listed in manifest.json)")
+    width = max(len(n) for n in names) + 2
+    iou = sub["pairwise"]["iou"]["mean"]
+    print("\nmean IoU of the binary masks (empty-vs-empty pairs excluded)")
+    print(" " * width + "".join(f"{n[:10]:>11}" for n in names))
+    for a, row in zip(names, iou, strict=True):
+        cells = "".join(f"{'n/a' if v is None else f'{v:.2f}':>11}" for v in row)
+        print(f"{a:<{width}}{cells}")
+    pm = sub["per_method"]
+    if any("truth_iou" in pm[n] for n in names):
+        cols = [c for c in ("truth_iou", "truth_dice", "truth_coverage", "truth_pointing",
+                            "truth_mass_inside", "other_mass_inside") if c in pm[names[0]]]
+        print("\nagreement with the ground-truth object (means over images)")
+        print(" " * width + "".join(f"{c.replace('truth_', ''):>14}" for c in cols))
+        for n in names:
+            means = [pm[n][c]["mean"] for c in cols]
+            cells = "".join(f"{'n/a' if v is None else f'{v:.3f}':>14}" for v in means)
+            print(f"{n:<{width}}{cells}")
+    print("\nseconds per image: " + ", ".join(
+        f"{n} {pm[n]['seconds_per_image']['mean']:.2f}" for n in names))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vitxai.compare import SEED_METHODS, CompareSettings, compare
+    from vitxai.masks import MaskParams
+
+    if args.sample_size is not None and args.sample_size <= 0:
+        raise ValueError("--sample_size must be a positive number of images")
+    methods = args.methods or list(SEED_METHODS)
+    overrides = _method_overrides(args)
+    _segmentation_overrides(args, methods, overrides)
+    mask = MaskParams(**_parse_assignments(args.mask, "--mask"))
+    adapter, dataset, notes = _load_model_and_data(args)
+    settings = CompareSettings(
+        methods=methods, method_params=overrides, mask=mask, target=args.target,
+        batch_size=args.batch_size, seed=args.seed, sample_size=args.sample_size,
+        idx_sample_img=args.idx_sample_img, save_attr_maps=args.save_attr_maps,
+    )
+    out = Path(args.out) if args.out else _default_out(args, adapter.name)
+    for note in notes:
+        print(f"note: {note}")
+    start = time.perf_counter()
+    agg = compare(adapter, dataset, out, settings, progress=not args.no_progress,
+                  overwrite=args.overwrite, notes=notes)
+    _print_summary(agg, out, time.perf_counter() - start)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from vitxai.methods import METHODS
+
+    for name, spec in sorted(METHODS.items()):
+        print(f"{name}  [{spec.family}{', ViT only' if spec.vit_only else ''}]")
+        print(f"    {spec.summary}")
+        print(f"    paper: {spec.paper}")
+        for f in dataclasses.fields(spec.params):
+            default = (f.default if f.default is not dataclasses.MISSING
+                       else f.default_factory())  # type: ignore[misc]
+            print(f"    --param {name}.{f.name}={default!r}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from vitxai.data import download_imagenette
+
+    path = download_imagenette(root=args.root, variant=args.variant,
+                               progress=not args.no_progress)
+    print(f"imagenette ready in {path}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vitxai.train import train_benchmark_model
+
+    card = train_benchmark_model(args.out, seed=args.seed, time_budget_s=args.time_budget)
+    print(json.dumps(card, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vitxai",
+        description="Compute, compare and evaluate attribution methods on Vision Transformers.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser(
+        "compare", help="run methods over a dataset and measure their agreement",
+        description="Run attribution methods over a dataset, binarise every map by the unified "
+                    "scheme, and write agreement (IoU, Dice, coverage) and, where the data has "
+                    "ground truth, localisation scores into a run directory. Without arguments: "
+                    "the six methods of the original comparison on the bundled benchmark.")
+    c.add_argument("--methods", nargs="+", help="registry names or aliases (default: the six "
+                   "of the original comparison); see `vitxai methods`")
+    c.add_argument("--data", default="synthetic",
+                   help="'synthetic' (bundled ground-truth benchmark, default), 'imagenette', "
+                        "or a folder of images or one image file")
+    c.add_argument("--split", help="synthetic: single|pair|parts; imagenette: val (default)|train")
+    c.add_argument("--n-images", type=int, help="size of the generated synthetic set "
+                   f"(default {SYNTHETIC_DEFAULT_SIZE})")
+    c.add_argument("--data-seed", type=int, default=20240,
+                   help="seed of the generated synthetic images")
+    c.add_argument("--data-root", default="data", help="where `vitxai data imagenette` unpacked")
+    c.add_argument("--variant", default="full", choices=["full", "320", "160"],
+                   help="imagenette variant")
+    c.add_argument("--model", help="'bundled' (default with --data synthetic) or a timm name "
+                   f"(default otherwise {DEFAULT_IMAGENET_MODEL})")
+    c.add_argument("--checkpoint", help="local weights (.safetensors or torch file)")
+    c.add_argument("--random-weights", action="store_true",
+                   help="do not fetch pretrained weights (for smoke tests)")
+    c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    c.add_argument("--precision", default="float32", choices=["float32", "float64"])
+    c.add_argument("--target", default="label", choices=["label", "prediction"],
+                   help="explain the label where known (default) or the prediction")
+    c.add_argument("--sample_size", "--sample-size", "--subset_size", dest="sample_size",
+                   type=int, help="use this many images (seeded draw); default all")
+    c.add_argument("--idx_sample_img", "--idx-sample-img", dest="idx_sample_img", type=int,
+                   help="dataset index of the image in the sample figure (default: the first)")
+    c.add_argument("--save_attr_maps", "--save-attr-maps", dest="save_attr_maps",
+                   action="store_true", help="save signed maps and masks (safetensors)")
+    c.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
+                   help="method parameter, e.g. --param lime.n_samples=500 (repeatable)")
+    c.add_argument("--segmentation", action="append", default=[], metavar="NAME=VALUE",
+                   help="shared superpixels of LIME/KernelSHAP, e.g. algorithm=slic")
+    c.add_argument("--head-fusion", choices=["mean", "max", "min"],
+                   help="attention rollout head fusion (vit-explain's option)")
+    c.add_argument("--discard-ratio", type=float, help="attention rollout discard ratio")
+    c.add_argument("--mask", action="append", default=[], metavar="NAME=VALUE",
+                   help="unified mask parameter, e.g. --mask component_percentile=80")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", help="run directory (default runs/DATA-SPLIT-MODEL); rerunning the "
+                   "same command resumes it")
+    c.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_compare)
+
+    m = sub.add_parser("methods", help="list every method with its parameters and paper")
+    m.set_defaults(func=cmd_methods)
+
+    d = sub.add_parser("data", help="download datasets")
+    dsub = d.add_subparsers(dest="dataset", required=True)
+    imn = dsub.add_parser("imagenette", help="download and unpack Imagenette into --root")
+    imn.add_argument("--variant", default="full", choices=["full", "320", "160"])
+    imn.add_argument("--root", default="data")
+    imn.add_argument("--no-progress", action="store_true")
+    imn.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train-benchmark",
+                       help="train the bundled ViT on the synthetic benchmark")
+    t.add_argument("--out", default=str(Path(__file__).parent / "assets"))
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--time-budget", type=float, default=1200.0,
+                   help="seconds of training at most (default 1200 = 20 min)")
+    t.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vitxai`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from vitxai.data import DownloadError
+    from vitxai.models import ModelLoadError
+    from vitxai.store import RunDirectoryError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, ModelLoadError, RunDirectoryError,
+            DownloadError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"vitxai: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitxai: interrupted; finished batches are saved, rerun the same command to "
+              "resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The comparison: run methods over a dataset, binarise every map alike, measure agreement.
+
+:func:`compare` streams the dataset batch by batch: one prediction pass, every method on the
+same batch (sharing segmentation and the attention pass through one
+:class:`~vitxai.methods.BatchContext`), the unified masks, and per-image rows appended to the
+run directory after each batch. Nothing accumulates in memory beyond a batch; aggregates are
+computed from the written rows at the end, so a resumed run gives the same tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vitxai import __version__
+from vitxai.data.datasets import Batch, ImageDataset, iter_batches, select_indices
+from vitxai.masks import MaskParams, unified_masks
+from vitxai.methods import BatchContext, attribute, get_method
+from vitxai.methods.base import stable_seed
+from vitxai.metrics.agreement import mask_vs_truth, overlap_matrices
+from vitxai.metrics.localization import mass_inside, pointing_game
+from vitxai.models.adapter import ModelAdapter
+from vitxai.report.figures import agreement_heatmap, sample_figure
+from vitxai.store import METHOD_ROWS, PAIR_ROWS, RunStore, read_rows
+
+SEED_METHODS: tuple[str, ...] = (
+    "lime", "kernel_shap", "integrated_gradients", "gradient_shap", "attention_rollout",
+    "chefer2021a",
+)
+PAIR_METRICS = ("iou", "dice", "coverage")
+TRUTH_METRICS = ("iou", "dice", "coverage", "recall", "pointing", "mass_inside")
+
+
+@dataclass
+class CompareSettings:
+    """What a comparison runs.
+
+    Attributes:
+        methods: registry names (aliases accepted), in the order they run.
+        method_params: per-method parameter overrides, e.g. {"lime": {"n_samples": 500}}.
+        mask: the unified mask parameters, applied to every method alike.
+        target: "label" explains the dataset label where known (else the prediction, as for
+            unlabelled folders); "prediction" always explains the predicted class.
+        batch_size: images per batch (results do not depend on it).
+        seed: every random draw derives from it and the image index.
+        sample_size: number of images drawn (seeded) from the dataset; None = all.
+        idx_sample_img: dataset index of the image shown in the sample figure (added to the
+            selection if it was not drawn); None = the first selected image.
+        save_attr_maps: write signed maps, native maps and masks (safetensors).
+    """
+
+    methods: Sequence[str] = SEED_METHODS
+    method_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    mask: MaskParams = field(default_factory=MaskParams)
+    target: Literal["label", "prediction"] = "label"
+    batch_size: int = 8
+    seed: int = 0
+    sample_size: int | None = None
+    idx_sample_img: int | None = None
+    save_attr_maps: bool = False
+
+
+def _resolve_methods(adapter: ModelAdapter, settings: CompareSettings) -> dict[str, Any]:
+    """Canonical names → validated parameter dataclasses; fails before any work is done."""
+    if not settings.methods:
+        raise ValueError("no methods selected")
+    resolved: dict[str, Any] = {}
+    overrides = {get_method(k).name: v for k, v in settings.method_params.items()}
+    for name in settings.methods:
+        spec = get_method(name)
+        if spec.vit_only and not adapter.is_vit:
+            raise ValueError(
+                f"method {spec.name!r} needs a ViT; model {adapter.name!r} is not one "
+                "(drop it with --methods)"
+            )
+        resolved[spec.name] = spec.make_params(**overrides.get(spec.name, {}))
+    return resolved
+
+
+def _versions() -> dict[str, str]:
+    import matplotlib
+    import scipy
+    import skimage
+    import timm
+
+    return {
+        "vitxai": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "timm": timm.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
+        "scikit-image": skimage.__version__, "matplotlib": matplotlib.__version__,
+        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "torch_threads": str(torch.get_num_threads()),
+    }
+
+
+def run_config(adapter: ModelAdapter, dataset: ImageDataset, settings: CompareSettings,
+               params: Mapping[str, Any], indices: Sequence[int],
+               notes: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON record of a run; its fingerprint covers everything that changes results."""
+    model = {"name": adapter.name, "is_vit": adapter.is_vit,
+             "data_config": getattr(adapter, "data_config", {}),
+             "device": str(adapter.device), "dtype": str(adapter.dtype)}
+    if adapter.is_vit:
+        model |= {"depth": adapter.depth, "num_prefix_tokens": adapter.num_prefix_tokens,
+                  "grid_size": list(adapter.grid_size), "patch_size": list(adapter.patch_size)}
+    result = {
+        "model": model,
+        "dataset": dataset.describe(),
+        "methods": {k: dataclasses.asdict(v) for k, v in params.items()},
+        "mask": dataclasses.asdict(settings.mask),
+        "target": settings.target,
+        "seed": settings.seed,
+        "sample_size": settings.sample_size,
+        "idx_sample_img": settings.idx_sample_img,
+        "save_attr_maps": settings.save_attr_maps,
+        "n_images": len(indices),
+    }
+    result["fingerprint"] = f"{stable_seed(json.dumps(result, sort_keys=True, default=str)):x}"
+    result["batch_size"] = settings.batch_size
+    result["notes"] = list(notes)
+    result["versions"] = _versions()
+    result["command"] = " ".join(sys.argv)
+    return result
+
+
+def _truth_scores(prefix: str, maps: torch.Tensor, masks: np.ndarray, truth: torch.Tensor | None,
+                  i: int) -> dict[str, float]:
+    if truth is None:
+        return {}
+    t = truth[i].numpy()
+    overlap = mask_vs_truth(masks[i], t)
+    m = maps[i].numpy()
+    return {f"{prefix}_{k}": v for k, v in overlap.items()} | {
+        f"{prefix}_pointing": pointing_game(m, t),
+        f"{prefix}_mass_inside": mass_inside(m, t),
+    }
+
+
+def _batch_rows(batch: Batch, names: Sequence[str], results: Mapping[str, Any],
+                masks: Mapping[str, np.ndarray], predictions: torch.Tensor,
+                probs: torch.Tensor, targets: torch.Tensor
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    method_rows, pair_rows = [], []
+    b = len(batch)
+    for i in range(b):
+        label = int(batch.labels[i])
+        base = {
+            "index": batch.indices[i], "path": batch.paths[i], "label": label,
+            "prediction": int(predictions[i]), "target": int(targets[i]),
+            "correct": (float(label == int(predictions[i])) if label >= 0 else float("nan")),
+            "target_probability": float(probs[i, targets[i]]),
+        }
+        for name in names:
+            r = results[name]
+            row = base | {
+                "method": name,
+                "mask_fraction": float(masks[name][i].mean()),
+                "forward_passes": r.cost.forward, "backward_passes": r.cost.backward,
+                "seconds_per_image": r.cost.seconds / b, "shared_pass": r.cost.shared,
+            }
+            row |= _truth_scores("truth", r.maps, masks[name], batch.masks, i)
+            row |= _truth_scores("other", r.maps, masks[name], batch.other_masks, i)
+            method_rows.append(row)
+        overlap = overlap_matrices(np.stack([masks[n][i] for n in names]))
+        for a, name_a in enumerate(names):
+            for c, name_b in enumerate(names):
+                if a != c:
+                    pair_rows.append({
+                        "index": batch.indices[i], "method_a": name_a, "method_b": name_b,
+                        **{k: float(overlap[k][a, c]) for k in PAIR_METRICS},
+                    })
+    return method_rows, pair_rows
+
+
+def _maps_record(batch: Batch, results: Mapping[str, Any], masks: Mapping[str, np.ndarray]
+                 ) -> dict[str, torch.Tensor]:
+    first = next(iter(results.values()))
+    record = {"index": torch.tensor(batch.indices, dtype=torch.long),
+              "target": first.targets.long().clone()}
+    for name, r in results.items():
+        record[f"{name}.map"] = r.maps.float().clone()
+        if r.native_kind != "pixel":  # pixel methods: native is the map itself
+            record[f"{name}.native"] = r.native.float().clone()
+        record[f"{name}.mask"] = torch.from_numpy(masks[name]).to(torch.uint8)
+        if r.channels is not None:
+            record[f"{name}.channels"] = r.channels.half()
+        if r.segments is not None:
+            record[f"{name}.segments"] = r.segments.to(torch.int32)
+    return record
+
+
+def aggregate(root: str | Path, names: Sequence[str]) -> dict[str, Any]:
+    """Means over images from the rows a run wrote, for all images and correct ones only.
+
+    Undefined values (NaN) are excluded from each mean, and every mean comes with the number
+    of images it covers.
+    """
+    rows = read_rows(root, METHOD_ROWS, ("index", "method"))
+    pairs = read_rows(root, PAIR_ROWS, ("index", "method_a", "method_b"))
+    correct = {r["index"] for r in rows if r.get("correct") == 1}
+    n = len(names)
+    out: dict[str, Any] = {"methods": list(names), "subsets": {}}
+    for subset, keep in (("all", None), ("correct", correct)):
+        sub_rows = [r for r in rows if keep is None or r["index"] in keep]
+        sub_pairs = [p for p in pairs if keep is None or p["index"] in keep]
+        per_method: dict[str, Any] = {}
+        numeric = [k for k in (sub_rows[0] if sub_rows else {})
+                   if k not in ("index", "path", "method", "label", "prediction", "target")
+                   and isinstance(sub_rows[0][k], int | float)]
+        for name in names:
+            mine = [r for r in sub_rows if r["method"] == name]
+            per_method[name] = {}
+            for k in numeric:
+                values = np.array([float(r[k]) for r in mine], dtype=float)
+                ok = np.isfinite(values)
+                per_method[name][k] = {"mean": float(values[ok].mean()) if ok.any() else None,
+                                       "n": int(ok.sum())}
+        matrices = {}
+        for metric in PAIR_METRICS:
+            total, count = np.zeros((n, n)), np.zeros((n, n), dtype=int)
+            for p in sub_pairs:
+                v = p[metric]
+                if isinstance(v, float) and np.isfinite(v) or isinstance(v, int):
+                    a, c = names.index(p["method_a"]), names.index(p["method_b"])
+                    total[a, c] += v
+                    count[a, c] += 1
+            mean = np.divide(total, count, out=np.full((n, n), np.nan), where=count > 0)
+            np.fill_diagonal(mean, 1.0)
+            matrices[metric] = {"mean": mean.tolist(), "n": count.tolist()}
+        out["subsets"][subset] = {
+            "n_images": len({r["index"] for r in sub_rows}),
+            "per_method": per_method, "pairwise": matrices,
+        }
+    return out
+
+
+def write_figures(store: RunStore, aggregates: Mapping[str, Any], names: Sequence[str]) -> None:
+    """The three agreement heatmaps (PNG and SVG) over all images."""
+    sub = aggregates["subsets"]["all"]
+    titles = {"iou": "IoU of binary masks", "dice": "Dice score of binary masks",
+              "coverage": "Coverage ratio |A∩B| / |A| (row = A)"}
+    for metric, title in titles.items():
+        m = sub["pairwise"][metric]
+        mean = np.array(m["mean"], dtype=float)
+        agreement_heatmap(mean, names, f"{title} (n={sub['n_images']} images)",
+                          store.figures / f"{metric}_heatmap", counts=np.array(m["n"]),
+                          row_label="A" if metric == "coverage" else "",
+                          col_label="B" if metric == "coverage" else "")
+
+
+def _sample_plot(store: RunStore, batch: Batch, i: int, names: Sequence[str],
+                 results: Mapping[str, Any], masks: Mapping[str, np.ndarray],
+                 targets: torch.Tensor, predictions: torch.Tensor,
+                 class_names: Mapping[int, str]) -> None:
+    index = batch.indices[i]
+
+    def cname(c: int) -> str:
+        return class_names.get(c, str(c)) if c >= 0 else "unknown"
+
+    title = (f"image {index}: label {cname(int(batch.labels[i]))}, predicted "
+             f"{cname(int(predictions[i]))}, explained {cname(int(targets[i]))}")
+    sample_figure(
+        batch.images[i].permute(1, 2, 0).clamp(0, 1).numpy(),
+        {n: results[n].maps[i].numpy() for n in names},
+        {n: masks[n][i] for n in names}, title,
+        store.figures / f"sample_{index}.png",
+        truth=None if batch.masks is None else batch.masks[i].numpy(),
+    )
+
+
+def compare(adapter: ModelAdapter, dataset: ImageDataset, out: str | Path,
+            settings: CompareSettings | None = None, *, progress: bool = True,
+            overwrite: bool = False, notes: Sequence[str] = ()) -> dict[str, Any]:
+    """Run the comparison and write the run directory ``out`` (see :mod:`vitxai.store`).
+
+    Reruns with the same settings resume: images already done are not recomputed.
+
+    Returns:
+        The aggregates also written to ``out/aggregates.json``.
+    """
+    s = settings or CompareSettings()
+    params = _resolve_methods(adapter, s)
+    names = list(params)
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {dataset.name!r} is empty")
+    indices = select_indices(len(dataset), s.sample_size, s.seed)
+    sample_index: int | None = indices[0] if s.idx_sample_img is None else s.idx_sample_img
+    if not 0 <= sample_index < len(dataset):
+        raise ValueError(
+            f"--idx_sample_img {sample_index} is outside the dataset [0, {len(dataset)})"
+        )
+    if sample_index not in indices:
+        indices = sorted([*indices, sample_index])
+    config = run_config(adapter, dataset, s, params, indices, notes)
+    store = RunStore(out, config, overwrite=overwrite)
+    done = store.done_indices()
+    todo = [i for i in indices if i not in done]
+    bar = tqdm(total=len(indices), initial=len(indices) - len(todo), unit="img",
+               desc="compare", disable=not progress, dynamic_ncols=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        for batch in iter_batches(dataset, todo, s.batch_size):
+            start = time.perf_counter()
+            if sample_index in {i for i, _, _ in batch.skipped}:
+                warnings.warn(f"sample image {sample_index} is unreadable; the sample figure "
+                              "shows the next readable image instead", stacklevel=2)
+                sample_index = None
+            if sample_index is None and len(batch):
+                sample_index = batch.indices[0]
+            if len(batch) == 0:
+                store.finish_batch([], [], [], batch.skipped, 0.0)
+                bar.update(len(batch.skipped))
+                continue
+            x = batch.images.to(adapter.device, adapter.dtype)
+            logits = adapter.predict(x, batch_size=s.batch_size).float().cpu()
+            probs, predictions = logits.softmax(-1), logits.argmax(-1)
+            labels = batch.labels
+            use_label = labels >= 0
+            if s.target == "prediction":
+                use_label = torch.zeros_like(use_label)
+            targets = torch.where(use_label, labels, predictions)
+            ctx = BatchContext.for_batch(len(batch), s.seed, batch.indices, planned=names)
+            results, masks = {}, {}
+            for name in names:
+                r = attribute(name, adapter, x, targets, context=ctx,
+                              method_params=params[name])
+                results[name] = r
+                masks[name] = unified_masks(r.channels if r.channels is not None else r.maps,
+                                            s.mask)
+            method_rows, pair_rows = _batch_rows(batch, names, results, masks, predictions,
+                                                 probs, targets)
+            if s.save_attr_maps:
+                store.save_maps(batch.indices[0], _maps_record(batch, results, masks))
+            if sample_index in batch.indices:
+                _sample_plot(store, batch, batch.indices.index(sample_index), names, results,
+                             masks, targets, predictions, dataset.class_names)
+            store.finish_batch(method_rows, pair_rows, batch.indices, batch.skipped,
+                               time.perf_counter() - start)
+            bar.update(len(batch) + len(batch.skipped))
+    bar.close()
+    aggregates = aggregate(store.root, names)
+    aggregates["skipped"] = store.manifest["skipped"]
+    aggregates["seconds"] = store.manifest["seconds"]
+    store.write_json("aggregates.json", aggregates)
+    if aggregates["subsets"]["all"]["n_images"]:
+        write_figures(store, aggregates, names)
+    store.complete()
+    return aggregates

@@ -1,0 +1,205 @@
+"""Attention-based methods and the shared ViT pass they read from.
+
+All attention methods of a batch read one captured pass (:func:`vit_pass`): a single forward
+that records every block's attention and, when any planned method needs them, the block
+activations and one backward for the attention gradients. Rollout keeps only the CLS row of
+the product, O(L·N²) instead of O(L·N³) (methods.md §8).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from vitxai.methods.base import (
+    Attribution,
+    BatchContext,
+    Cost,
+    check_range,
+    register_method,
+)
+from vitxai.models.adapter import Capture, ViTAdapter
+
+
+@dataclass
+class ViTPass:
+    """One captured pass over a batch: attention, optional gradients and activations."""
+
+    capture: Capture
+    logits: torch.Tensor
+    targets: torch.Tensor
+    has_gradients: bool
+    seconds: float
+
+
+def vit_pass(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
+             context: BatchContext, *, gradients: bool) -> tuple[ViTPass, bool]:
+    """The batch's shared attention pass; returns (pass, reused).
+
+    The pass is computed once per batch. It includes gradients and activations when this call
+    needs them or when any method planned for the batch declares ``"attention_grad"`` in its
+    ``uses`` — so rollout followed by Chefer costs one forward and one backward, not two
+    forwards.
+    """
+    cached = context.cache.get("vit_pass")
+    if cached is not None and (cached.has_gradients or not gradients) and torch.equal(
+        cached.targets, targets
+    ):
+        return cached, True
+    full = gradients or context.plans("attention_grad")
+    start = time.perf_counter()
+    with adapter.capture(gradients=full, activations=full) as cap:
+        if full:
+            x = images.detach().requires_grad_(True)
+            logits = adapter.logits(x)
+            logits.gather(1, targets.to(logits.device)[:, None]).sum().backward()
+            logits = logits.detach()
+        else:
+            with torch.inference_mode():
+                logits = adapter.logits(images)
+    cap.attention_maps()  # fail loudly when a block was not captured
+    if full:
+        cap.gradient_maps()
+    result = ViTPass(cap, logits, targets.clone(), full, time.perf_counter() - start)
+    context.cache["vit_pass"] = result
+    return result, False
+
+
+def pass_cost(vp: ViTPass, reused: bool) -> Cost:
+    """Cost of a method that read the shared pass (zero seconds when it was reused)."""
+    return Cost(forward=1, backward=int(vp.has_gradients), seconds=0.0 if reused else vp.seconds,
+                shared=reused)
+
+
+def readout_row(adapter: ViTAdapter, n_tokens: int, batch: int, dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """The (B, N) read-out vector: e₀ (CLS), or ½(e₀ + e₁) for distilled DeiT, whose eval head
+    averages the CLS and distillation heads (methods.md §8)."""
+    if adapter.global_pool not in ("token", "") and not adapter.distilled:
+        raise ValueError(
+            f"read-out for global_pool={adapter.global_pool!r} is not supported yet; "
+            "attention methods need a class-token model"
+        )
+    r = torch.zeros(batch, n_tokens, dtype=dtype, device=device)
+    if adapter.distilled:
+        r[:, :2] = 0.5
+    else:
+        r[:, 0] = 1.0
+    return r
+
+
+def to_patch_map(adapter: ViTAdapter, row: torch.Tensor, images: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Drop the prefix columns of a (B, N) token row and return (native (B, gh, gw),
+    bilinear upsampled map (B, H, W))."""
+    gh, gw = adapter.grid_of(images)
+    native = row[:, adapter.num_prefix_tokens:].reshape(row.shape[0], gh, gw)
+    full = F.interpolate(native[:, None].float(), size=images.shape[-2:], mode="bilinear",
+                         align_corners=False)[:, 0]
+    return native, full
+
+
+def fuse_heads(attention: torch.Tensor, fusion: str) -> torch.Tensor:
+    """(B, h, N, N) → (B, N, N) by mean, max or min over heads."""
+    if fusion == "mean":
+        return attention.mean(dim=1)
+    if fusion == "max":
+        return attention.amax(dim=1)
+    if fusion == "min":
+        return attention.amin(dim=1)
+    raise ValueError(f"head_fusion must be 'mean', 'max' or 'min', got {fusion!r}")
+
+
+def discard_lowest(fused: torch.Tensor, ratio: float, protect_cls: bool = True) -> torch.Tensor:
+    """Zero the ⌊N²·ratio⌋ smallest entries of each sample's (N, N) matrix (vit-explain).
+
+    Only the flat index 0, the (CLS, CLS) entry, is protected, as in vit-explain (other CLS
+    entries can be zeroed); unlike vit-explain this is done for every sample, not sample 0.
+    """
+    b, n, _ = fused.shape
+    k = int(n * n * ratio)
+    if k == 0:
+        return fused
+    flat = fused.reshape(b, n * n).clone()
+    idx = flat.topk(k, dim=-1, largest=False).indices
+    keep0 = flat[:, 0].clone()
+    flat.scatter_(1, idx, 0.0)
+    if protect_cls:
+        flat[:, 0] = keep0
+    return flat.reshape(b, n, n)
+
+
+@dataclass(frozen=True)
+class RolloutParams:
+    """Attention Rollout parameters.
+
+    Attributes:
+        head_fusion: "mean" (Abnar & Zuidema), "max" or "min" (vit-explain options).
+        discard_ratio: share of the smallest fused entries zeroed per layer, in [0, 1).
+        start_layer: first block multiplied in, in [0, depth).
+        legacy: reproduce vit-explain's row normalisation without ``keepdim``, which divides
+            column j by row j's sum (vit-explain issue #16); off = correct row normalisation.
+    """
+
+    head_fusion: Literal["mean", "max", "min"] = "mean"
+    discard_ratio: float = 0.0
+    start_layer: int = 0
+    legacy: bool = False
+
+    def __post_init__(self) -> None:
+        if self.head_fusion not in ("mean", "max", "min"):
+            raise ValueError(f"parameter head_fusion={self.head_fusion!r} must be mean, max or min")
+        check_range("discard_ratio", self.discard_ratio, 0.0, 1.0, high_open=True)
+        check_range("start_layer", self.start_layer, 0, None)
+
+
+def rollout_row(attention: list[torch.Tensor], readout: torch.Tensor, p: RolloutParams
+                ) -> torch.Tensor:
+    """Read-out row of the rollout product M_{L−1}·…·M_s, M = rownorm((F + I)/2).
+
+    Args:
+        attention: L tensors (B, h, N, N), post-softmax.
+        readout: (B, N) read-out vector (e₀ for CLS).
+
+    Returns:
+        (B, N): readoutᵀ·M_{L−1}·…·M_s, computed right-to-left on the row only.
+    """
+    depth = len(attention)
+    if p.start_layer >= depth:
+        raise ValueError(f"parameter start_layer={p.start_layer} must be < depth {depth}")
+    r = readout.to(torch.float64 if attention[0].dtype == torch.float64 else torch.float32)
+    for layer in range(depth - 1, p.start_layer - 1, -1):
+        fused = fuse_heads(attention[layer].to(r.dtype), p.head_fusion)
+        fused = discard_lowest(fused, p.discard_ratio)
+        n = fused.shape[-1]
+        m = (fused + torch.eye(n, dtype=r.dtype, device=r.device)) / 2
+        sums = m.sum(dim=-1)
+        m = m / (sums.unsqueeze(-2) if p.legacy else sums.unsqueeze(-1))
+        r = torch.bmm(r.unsqueeze(1), m).squeeze(1)
+    return r
+
+
+@register_method(
+    "attention_rollout",
+    params=RolloutParams,
+    family="attention",
+    vit_only=True,
+    uses={"attention"},
+    aliases=("AttentionRollout", "rollout"),
+    paper="Abnar & Zuidema 2020, 'Quantifying Attention Flow in Transformers', ACL",
+    summary="Product of head-fused, identity-mixed, row-normalised attention over layers.",
+)
+def attention_rollout(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
+                      p: RolloutParams, context: BatchContext) -> Attribution:
+    """Class-agnostic Attention Rollout; ``targets`` are recorded, not used."""
+    vp, reused = vit_pass(adapter, images, targets, context, gradients=False)
+    attn = [a.detach() for a in vp.capture.attention_maps()]
+    n = attn[0].shape[-1]
+    readout = readout_row(adapter, n, images.shape[0], attn[0].dtype, attn[0].device)
+    row = rollout_row(attn, readout, p)
+    native, full = to_patch_map(adapter, row, images)
+    return Attribution("attention_rollout", full, native, "patch", targets, pass_cost(vp, reused))

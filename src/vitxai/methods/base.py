@@ -1,0 +1,281 @@
+"""The method protocol: result type, parameter dataclasses, registry and per-batch shared work.
+
+Every attribution method is a function ``fn(adapter, images, targets, params, context)``
+registered with :func:`register_method`. It returns an :class:`Attribution` whose ``maps`` are
+signed float maps at input resolution. Methods never write files and never read CLI arguments.
+
+Images are always *unnormalised* RGB in [0, 1] at the model's input size, shape (B, 3, H, W);
+the adapter applies the model's own normalisation. Attributions are therefore taken with respect
+to pixel values, and baselines are stated in pixel space ("mean" = the model's mean colour, which
+is the zero of the normalised space that captum users pass as a zero baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from vitxai.models.adapter import ModelAdapter
+
+NativeKind = Literal["patch", "superpixel", "pixel"]
+
+
+@dataclass
+class Cost:
+    """What a method spent on one batch.
+
+    ``forward`` and ``backward`` count model passes *per image* (one image through the network
+    once = 1), so they are comparable across batch sizes; ``seconds`` is the wall time of the
+    whole batch; ``shared`` is true when the passes were reused from another method's call on
+    the same batch (they are then not spent again).
+    """
+
+    forward: int = 0
+    backward: int = 0
+    seconds: float = 0.0
+    shared: bool = False
+
+
+@dataclass
+class Attribution:
+    """The result of one method on one batch.
+
+    Attributes:
+        method: registry name of the method.
+        maps: (B, H, W) float32 signed attribution at input resolution.
+        native: the map at the method's own resolution: (B, gh, gw) for patch methods,
+            (B, S) superpixel coefficients (NaN-padded to the batch's largest S) for superpixel
+            methods, (B, H, W) for pixel methods.
+        native_kind: "patch", "superpixel" or "pixel".
+        targets: (B,) long, the class each map explains.
+        cost: passes and seconds spent.
+        segments: (B, H, W) int64 superpixel labels in [0, S) when ``native_kind`` is
+            "superpixel", else None.
+        channels: (B, 3, H, W) per-channel attribution of pixel methods (``maps`` is its
+            channel sum), so the unified mask can clip before averaging channels; else None.
+    """
+
+    method: str
+    maps: torch.Tensor
+    native: torch.Tensor
+    native_kind: NativeKind
+    targets: torch.Tensor
+    cost: Cost
+    segments: torch.Tensor | None = None
+    channels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.maps.shape[0]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registry entry: the function, its parameter dataclass and what it needs."""
+
+    name: str
+    fn: Callable[..., Attribution]
+    params: type
+    family: str
+    vit_only: bool
+    paper: str
+    summary: str
+    uses: frozenset[str] = frozenset()  # shared per-batch work: "segments", "attention", "lrp"
+
+    def make_params(self, **overrides: Any) -> Any:
+        """Build this method's parameter dataclass, rejecting unknown names."""
+        names = {f.name for f in dataclasses.fields(self.params)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ValueError(
+                f"method {self.name!r} has no parameter {', '.join(unknown)}; "
+                f"its parameters are: {', '.join(sorted(names)) or '(none)'}"
+            )
+        return self.params(**overrides)
+
+
+METHODS: dict[str, MethodSpec] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def _key(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "").replace(" ", "")
+
+
+def register_method(
+    name: str,
+    *,
+    params: type,
+    family: str,
+    paper: str,
+    summary: str,
+    vit_only: bool = False,
+    uses: Iterable[str] = (),
+    aliases: Sequence[str] = (),
+) -> Callable[[Callable[..., Attribution]], Callable[..., Attribution]]:
+    """Decorator adding a method to :data:`METHODS` (timm-registry style).
+
+    ``aliases`` are alternative spellings accepted by :func:`get_method`, for example the
+    original comparison's names (``IntegratedGradients``, ``BeyondAttention``).
+    """
+
+    def decorate(fn: Callable[..., Attribution]) -> Callable[..., Attribution]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = MethodSpec(
+            name, fn, params, family, vit_only, paper, summary, frozenset(uses)
+        )
+        for alias in (name, *aliases):
+            _ALIASES[_key(alias)] = name
+        return fn
+
+    return decorate
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look a method up by name or alias (case, '-' and '_' insensitive)."""
+    canonical = _ALIASES.get(_key(name))
+    if canonical is None:
+        raise ValueError(
+            f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}"
+        )
+    return METHODS[canonical]
+
+
+def check_range(name: str, value: float, low: float | None, high: float | None, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raise a one-line ValueError when ``value`` is outside its documented range."""
+    bad = (
+        (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and (value >= high if high_open else value > high))
+    )
+    if bad:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
+        interval = f"{left}{lo}, {hi}{right}"
+        raise ValueError(f"parameter {name}={value!r} is out of range {interval}")
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed derived from ``parts`` (stable across processes, unlike ``hash``)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+@dataclass
+class BatchContext:
+    """Per-batch shared state: image identities for per-image randomness, and cached work.
+
+    One context is made per batch and passed to every method run on it, so that LIME and
+    KernelSHAP share one segmentation per image and all attention methods share one
+    forward (and backward) pass. ``image_ids`` identify the images (dataset indices or
+    paths); every random draw for image i uses a generator seeded from
+    (seed, image_ids[i], method), which is why a batch gives exactly the per-image results.
+    """
+
+    image_ids: list[Any]
+    seed: int = 0
+    cache: dict[Any, Any] = field(default_factory=dict)
+    planned: frozenset[str] = frozenset()  # names of the methods that will run on this batch
+
+    @classmethod
+    def for_batch(cls, n: int, seed: int = 0, image_ids: Sequence[Any] | None = None,
+                  planned: Iterable[str] = ()) -> BatchContext:
+        ids = list(range(n)) if image_ids is None else list(image_ids)
+        if len(ids) != n:
+            raise ValueError(f"got {len(ids)} image ids for a batch of {n} images")
+        return cls(ids, seed, {}, frozenset(planned))
+
+    def generator(self, index: int, purpose: str) -> torch.Generator:
+        """A CPU generator for image ``index`` of the batch and a named purpose."""
+        g = torch.Generator()
+        g.manual_seed(stable_seed(self.seed, self.image_ids[index], purpose))
+        return g
+
+    def cached(self, key: Any, compute: Callable[[], Any]) -> tuple[Any, bool]:
+        """Return (value, was_cached), computing and storing the value on first use."""
+        if key in self.cache:
+            return self.cache[key], True
+        value = compute()
+        self.cache[key] = value
+        return value, False
+
+    def plans(self, use: str) -> bool:
+        """Whether any planned method declares the shared-work tag ``use``."""
+        return any(use in get_method(m).uses for m in self.planned)
+
+
+def resolve_targets(adapter: ModelAdapter, images: torch.Tensor,
+                    targets: torch.Tensor | Sequence[int] | int | None) -> torch.Tensor:
+    """Targets as a (B,) long tensor; ``None`` means the model's prediction per image."""
+    b = images.shape[0]
+    if targets is None:
+        return adapter.predict(images).argmax(dim=1).cpu()
+    t = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+    if t.numel() == 1 and b != 1:
+        t = t.expand(b).clone()
+    if t.numel() != b:
+        raise ValueError(f"got {t.numel()} targets for a batch of {b} images")
+    n = adapter.num_classes
+    if n and ((t < 0) | (t >= n)).any():
+        raise ValueError(f"target out of range [0, {n}) for this model: {t.tolist()}")
+    return t.cpu()
+
+
+def attribute(
+    method: str,
+    adapter: ModelAdapter,
+    images: torch.Tensor,
+    targets: torch.Tensor | Sequence[int] | int | None = None,
+    *,
+    context: BatchContext | None = None,
+    seed: int = 0,
+    method_params: Any | None = None,
+    **params: Any,
+) -> Attribution:
+    """Run one registered method on a batch (captum-style single verb).
+
+    Args:
+        method: registry name or alias, e.g. "lime", "integrated_gradients", "chefer2021a".
+        adapter: from :func:`vitxai.models.load_model` or :func:`vitxai.models.adapt`.
+        images: (B, 3, H, W) float in [0, 1], unnormalised, at the model's input size.
+        targets: class per image; None = the model's prediction.
+        context: shared per-batch work; made fresh (with ``seed``) when omitted.
+        method_params: a ready parameter dataclass of this method (then ``params`` must be
+            empty).
+        **params: the method's parameters (see ``vitxai methods``).
+
+    Returns:
+        An :class:`Attribution` whose ``maps`` have shape (B, H, W).
+    """
+    spec = get_method(method)
+    if spec.vit_only and not adapter.is_vit:
+        raise ValueError(
+            f"method {spec.name!r} needs a ViT (timm VisionTransformer); "
+            f"{adapter.name!r} is not one. Use a model-agnostic method instead."
+        )
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W); got {tuple(images.shape)}")
+    if method_params is not None and params:
+        raise ValueError("pass either method_params or keyword parameters, not both")
+    p = method_params if method_params is not None else spec.make_params(**params)
+    images = images.to(adapter.device, adapter.dtype)
+    t = resolve_targets(adapter, images, targets)
+    ctx = context or BatchContext.for_batch(images.shape[0], seed=seed, planned=[spec.name])
+    start = time.perf_counter()
+    result = spec.fn(adapter, images, t, p, ctx)
+    if not result.cost.seconds:
+        result.cost.seconds = time.perf_counter() - start
+    result.maps = result.maps.detach().float().cpu()
+    result.native = result.native.detach().float().cpu()
+    if result.channels is not None:
+        result.channels = result.channels.detach().float().cpu()
+    return result

@@ -1,0 +1,204 @@
+"""Chefer et al. 2021a, "Transformer Interpretability Beyond Attention Visualization" (CVPR).
+
+Relevance propagation runs on an *unmodified* timm ViT: the shared pass records each block's
+activations with forward hooks (methods.md §8), and the rules below are applied explicitly,
+batched, with every sum taken per sample (the reference sums the residual rule over the whole
+batch, so its maps are only right for batch 1: Transformer-Explainability #22, #32).
+
+Rules (methods.md §3, LRP α=1, β=0):
+- Linear: z⁺_ij = x⁺_i w⁺_ij + x⁻_i w⁻_ij, R_i = Σ_j z⁺_ij / Σ_i′ z⁺_i′j · R_j (bias excluded).
+- Identity for LayerNorm, GELU, softmax, dropout, LayerScale.
+- A·V and q·kᵀ: gradient × input on each operand, both halved.
+- Residual y = a + b: a′ = a·R/y, b′ = b·R/y, rescaled so Σa = |Σa′|/(|Σa′| + |Σb′|)·ΣR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vitxai.methods.attention import pass_cost, readout_row, to_patch_map, vit_pass
+from vitxai.methods.base import Attribution, BatchContext, check_range, register_method
+from vitxai.models.adapter import ViTAdapter
+
+_EPS = 1e-9
+
+
+def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / (b + 1e-9), and 0 where b is exactly 0 (the reference's stabiliser)."""
+    den = b + _EPS
+    den = den + (den == 0).to(den.dtype) * _EPS
+    return a / den * (b != 0).to(a.dtype)
+
+
+def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).sum(dim=1).reshape(-1, *([1] * (t.ndim - 1)))
+
+
+def linear_rule(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """LRP α1β0 through ``y = x Wᵀ + b``: x (..., in), W (out, in), R (..., out) → (..., in)."""
+    xp, xn = x.clamp(min=0), x.clamp(max=0)
+    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+    s = safe_divide(relevance, xp @ wp.T + xn @ wn.T)
+    return xp * (s @ wp) + xn * (s @ wn)
+
+
+def residual_rule(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the relevance of y = a + b between a and b, conserving ΣR per sample."""
+    s = safe_divide(relevance, a + b)
+    ra, rb = a * s, b * s
+    sa, sb = _per_sample_sum(ra), _per_sample_sum(rb)
+    total = _per_sample_sum(relevance)
+    denom = sa.abs() + sb.abs()
+    ra = ra * safe_divide(safe_divide(sa.abs(), denom) * total, sa)
+    rb = rb * safe_divide(safe_divide(sb.abs(), denom) * total, sb)
+    return ra, rb
+
+
+def clone_rule(x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
+    """A fork x → (x, x): the two relevances are summed (x·Σ R_i/x, as the reference)."""
+    return x * (safe_divide(r1, x) + safe_divide(r2, x))
+
+
+def matmul_rule(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient × input through Z = a @ b, each operand halved (both receive ΣR otherwise)."""
+    s = safe_divide(relevance, a @ b)
+    return a * (s @ b.transpose(-2, -1)) / 2, b * (a.transpose(-2, -1) @ s) / 2
+
+
+@dataclass
+class RelevancePass:
+    """Per-block results of one relevance pass.
+
+    attention_relevance[l]: (B, h, N, N) halved A-operand relevance R_A of block l (None below
+    the start layer); block_input_relevance[l]: (B, N, D) relevance entering block l.
+    """
+
+    attention_relevance: list[torch.Tensor | None]
+    block_input_relevance: list[torch.Tensor | None]
+
+
+def relevance_pass(adapter: ViTAdapter, capture, targets: torch.Tensor, stop_layer: int = 0
+                   ) -> RelevancePass:
+    """Propagate R = e_c (one-hot, value 1) from the head down to block ``stop_layer``.
+
+    Args:
+        capture: a :class:`~vitxai.models.adapter.Capture` with activations and attention.
+        targets: (B,) classes.
+    """
+    model = adapter.model
+    depth = adapter.depth
+    head_in = capture.head_input
+    if head_in is None:
+        raise RuntimeError("the pass did not record the classifier input")
+    dtype = head_in.dtype
+    b = head_in.shape[0]
+    onehot = torch.zeros(b, adapter.num_classes, dtype=dtype, device=head_in.device)
+    onehot[torch.arange(b), targets.to(head_in.device)] = 1.0
+    if adapter.distilled or not isinstance(model.get_classifier(), torch.nn.Linear):
+        raise ValueError(
+            "chefer2021a supports class-token ViTs with a linear head "
+            f"({adapter.name!r} is distilled or has another head)"
+        )
+    if type(model.fc_norm).__name__ != "Identity":
+        raise ValueError("chefer2021a needs the token read-out without fc_norm")
+    r_head = linear_rule(head_in, model.get_classifier().weight, onehot)
+    first = capture.activations[depth - 1]["x"]
+    relevance = torch.zeros(b, first.shape[1], first.shape[2], dtype=dtype, device=first.device)
+    relevance[:, 0] = r_head  # token pooling sends everything to CLS; final norm is identity
+    attn_rel: list[torch.Tensor | None] = [None] * depth
+    block_in: list[torch.Tensor | None] = [None] * depth
+    for layer in range(depth - 1, stop_layer - 1, -1):
+        blk = adapter.blocks[layer]
+        act = capture.activations[layer]
+        attn = blk.attn
+        # MLP residual: x_out = x1 + ls2(fc2(act(fc1(norm2(x1)))))
+        r_skip, r_branch = residual_rule(act["x1"], act["b2"], relevance)
+        r_branch = linear_rule(act["g1"], blk.mlp.fc2.weight, r_branch)
+        r_branch = linear_rule(act["h2"], blk.mlp.fc1.weight, r_branch)
+        relevance = clone_rule(act["x1"], r_skip, r_branch)
+        # Attention residual: x1 = x + ls1(proj(A·V))
+        r_skip, r_branch = residual_rule(act["x"], act["b1"], relevance)
+        r_o = linear_rule(act["o"], attn.proj.weight, r_branch)
+        bsz, n, _ = r_o.shape
+        h, d = attn.num_heads, attn.head_dim
+        qkv = act["qkv"].reshape(bsz, n, 3, h, d).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = capture.attention[layer].detach()
+        r_o = r_o.reshape(bsz, n, h, d).transpose(1, 2)
+        r_a, r_v = matmul_rule(a, v, r_o)
+        attn_rel[layer] = r_a
+        r_q, r_kt = matmul_rule(q, k.transpose(-2, -1), r_a)  # softmax: identity
+        r_qkv = torch.stack([r_q, r_kt.transpose(-2, -1), r_v])  # (3, B, h, N, d)
+        r_qkv = r_qkv.permute(1, 3, 0, 2, 4).reshape(bsz, n, 3 * h * d)
+        r_branch = linear_rule(act["h1"], attn.qkv.weight, r_qkv)
+        relevance = clone_rule(act["x"], r_skip, r_branch)
+        block_in[layer] = relevance
+    return RelevancePass(attn_rel, block_in)
+
+
+def _check_supported(adapter: ViTAdapter) -> None:
+    for i, blk in enumerate(adapter.blocks):
+        attn = blk.attn
+        unsupported = [
+            name for name in ("q_norm", "k_norm", "norm")
+            if type(getattr(attn, name, torch.nn.Identity())).__name__ != "Identity"
+        ]
+        if getattr(attn, "gate", None) is not None:
+            unsupported.append("gate")
+        if unsupported or not hasattr(blk, "mlp") or not hasattr(blk.mlp, "fc2"):
+            raise ValueError(
+                f"chefer2021a supports standard timm ViT blocks; block {i} of {adapter.name!r} "
+                f"has {', '.join(unsupported) or 'a non-standard MLP'}"
+            )
+
+
+@dataclass(frozen=True)
+class CheferParams:
+    """Chefer 2021a transformer attribution.
+
+    Attributes:
+        start_layer: first block in the product, in [0, depth); the notebooks use 0, the
+            perturbation and segmentation scripts 1.
+    """
+
+    start_layer: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("start_layer", self.start_layer, 0, None)
+
+
+@register_method(
+    "chefer2021a",
+    params=CheferParams,
+    family="lrp",
+    vit_only=True,
+    uses={"attention", "attention_grad", "lrp"},
+    aliases=("BeyondAttention", "transformer_attribution", "chefer"),
+    paper="Chefer, Gur & Wolf 2021, 'Transformer Interpretability Beyond Attention "
+          "Visualization', CVPR",
+    summary="Rollout of (I + mean_h (∇A ⊙ R_A)⁺) with LRP relevance R_A; class-specific.",
+)
+def chefer2021a(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
+                p: CheferParams, context: BatchContext) -> Attribution:
+    """Transformer attribution: C = (I + Ā_{L−1})…(I + Ā_s), Ā = mean_h max(G ⊙ R_A, 0)."""
+    _check_supported(adapter)
+    if p.start_layer >= adapter.depth:
+        raise ValueError(f"parameter start_layer={p.start_layer} must be < depth {adapter.depth}")
+    vp, reused = vit_pass(adapter, images, targets, context, gradients=True)
+    cap = vp.capture
+    with torch.no_grad():
+        rel = relevance_pass(adapter, cap, targets, stop_layer=p.start_layer)
+        grads = cap.gradient_maps()
+        a0 = cap.attention[0]
+        r = readout_row(adapter, a0.shape[-1], images.shape[0], a0.dtype, a0.device)
+        for layer in range(adapter.depth - 1, p.start_layer - 1, -1):
+            abar = (grads[layer] * rel.attention_relevance[layer]).clamp(min=0).mean(dim=1)
+            r = r + torch.bmm(r.unsqueeze(1), abar).squeeze(1)  # r ← r·(I + Ā)
+    native, full = to_patch_map(adapter, r, images)
+    cost = pass_cost(vp, reused)
+    cost.backward += 1  # the explicit relevance pass costs about one backward
+    return Attribution("chefer2021a", full, native, "patch", targets, cost)

@@ -1,0 +1,243 @@
+"""Model adapters: one object that knows how to feed a model and, for ViTs, its token layout.
+
+A :class:`ModelAdapter` wraps any classifier taking normalised (B, 3, H, W) input; it owns the
+normalisation, so methods work on unnormalised [0, 1] images. A :class:`ViTAdapter` adds the
+token layout of a timm ``VisionTransformer`` (prefix tokens, patch grid) and
+:meth:`ViTAdapter.capture`, a context manager that records attention probabilities, their
+gradients and the block activations that relevance propagation needs. Capturing switches timm's
+fused attention off only for its duration (fused SDPA never materialises the attention matrix)
+and always restores the model and removes its hooks, even on error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class ModelAdapter:
+    """Any image classifier: normalisation plus a model mapping (B, 3, H, W) to logits (B, C).
+
+    Args:
+        model: the classifier; put in eval mode and its parameters frozen (attributions only
+            need gradients with respect to inputs or activations, and frozen parameters make
+            backward passes about 40 % cheaper).
+        mean, std: the model's own normalisation (from its timm data config).
+        input_size: (H, W) the model expects.
+        name: for messages and run records.
+    """
+
+    is_vit = False
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 input_size: tuple[int, int], name: str = "model") -> None:
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.name = name
+        self.input_size = (int(input_size[0]), int(input_size[1]))
+        first = next(iter(model.parameters()), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.dtype = first.dtype if first is not None else torch.float32
+        self.mean = torch.tensor(mean, dtype=self.dtype, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=self.dtype, device=self.device).view(1, 3, 1, 1)
+        self.num_classes = int(getattr(model, "num_classes", 0) or 0)
+
+    def to(self, device: str | torch.device | None = None,
+           dtype: torch.dtype | None = None) -> ModelAdapter:
+        """Move the model and normalisation constants (returns self)."""
+        self.model.to(device=device, dtype=dtype)
+        self.mean = self.mean.to(device=device, dtype=dtype)
+        self.std = self.std.to(device=device, dtype=dtype)
+        self.device = self.mean.device
+        self.dtype = self.mean.dtype
+        return self
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] → the model's normalised input."""
+        return (images - self.mean) / self.std
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax outputs (B, C) for unnormalised images; differentiable."""
+        return self.model(self.normalize(images))
+
+    @torch.inference_mode()
+    def predict(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Logits (B, C) without autograd, in chunks of ``batch_size``."""
+        images = images.to(self.device, self.dtype)
+        return torch.cat([self.logits(c) for c in images.split(batch_size)])
+
+
+@dataclass
+class Capture:
+    """What :meth:`ViTAdapter.capture` recorded during one forward (and backward) pass.
+
+    ``attention[l]`` is block l's post-softmax attention (B, heads, N, N); ``attention_grad[l]``
+    its gradient once a backward pass ran; ``activations[l]`` maps names to block l's tensors
+    (see :data:`ACTIVATION_POINTS`); ``head_input`` is the (B, D) input of the classifier head.
+    """
+
+    depth: int
+    attention: list[torch.Tensor | None] = field(default_factory=list)
+    attention_grad: list[torch.Tensor | None] = field(default_factory=list)
+    activations: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    head_input: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.attention = [None] * self.depth
+        self.attention_grad = [None] * self.depth
+        self.activations = [{} for _ in range(self.depth)]
+
+    def attention_maps(self) -> list[torch.Tensor]:
+        """All blocks' attention; fails loudly when a block was not captured."""
+        missing = [i for i, a in enumerate(self.attention) if a is None]
+        if missing:
+            raise RuntimeError(
+                f"attention of blocks {missing} was not captured ({self.depth - len(missing)} "
+                f"of {self.depth}); the model's attention does not go through attn.attn_drop"
+            )
+        return self.attention  # type: ignore[return-value]
+
+    def gradient_maps(self) -> list[torch.Tensor]:
+        """All blocks' attention gradients; fails loudly when backward did not reach one."""
+        missing = [i for i, g in enumerate(self.attention_grad) if g is None]
+        if missing:
+            raise RuntimeError(f"no attention gradient for blocks {missing}; run backward first")
+        return self.attention_grad  # type: ignore[return-value]
+
+
+# (module path inside a timm Block, "input"/"output", capture name) for relevance propagation.
+ACTIVATION_POINTS: tuple[tuple[str, str, str], ...] = (
+    ("", "input", "x"),               # block input
+    ("norm1", "output", "h1"),        # attention branch input
+    ("attn.qkv", "output", "qkv"),
+    ("attn.proj", "input", "o"),      # merged heads A·V (after attn.norm)
+    ("ls1", "output", "b1"),          # attention branch value added to the residual
+    ("norm2", "input", "x1"),         # residual after attention
+    ("norm2", "output", "h2"),        # MLP input
+    ("mlp.fc1", "output", "f1"),
+    ("mlp.fc2", "input", "g1"),       # activation output (after act, drop, mlp.norm)
+    ("ls2", "output", "b2"),          # MLP branch value added to the residual
+)
+
+
+class ViTAdapter(ModelAdapter):
+    """A timm ``VisionTransformer`` (ViT, DeiT, DeiT-distilled, DINOv2 with registers, ...).
+
+    Token layout: ``num_prefix_tokens`` (CLS, distillation token, registers) come first, then
+    the patches row by row; the grid comes from ``patch_embed.grid_size`` (never from √N, which
+    breaks with registers and non-square grids).
+    """
+
+    is_vit = True
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
+                 input_size: tuple[int, int], name: str = "vit") -> None:
+        super().__init__(model, mean, std, input_size, name)
+        blocks = getattr(model, "blocks", None)
+        if blocks is None or not all(hasattr(b, "attn") for b in blocks):
+            raise ValueError(f"{name!r} has no timm transformer blocks with .attn")
+        self.blocks: list[nn.Module] = list(blocks)
+        self.depth = len(self.blocks)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 1))
+        pe = model.patch_embed
+        self.grid_size = tuple(int(g) for g in pe.grid_size)
+        self.patch_size = tuple(int(p) for p in pe.patch_size)
+        self.num_heads = int(self.blocks[0].attn.num_heads)
+        self.global_pool = getattr(model, "global_pool", "token")
+        self.distilled = hasattr(model, "head_dist")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+
+    def grid_of(self, images: torch.Tensor) -> tuple[int, int]:
+        """Patch grid (gh, gw) for inputs of this spatial size."""
+        h, w = images.shape[-2:]
+        return h // self.patch_size[0], w // self.patch_size[1]
+
+    @contextmanager
+    def capture(self, gradients: bool = False, activations: bool = False) -> Iterator[Capture]:
+        """Record attention (and optionally its gradient and block activations).
+
+        Usage::
+
+            with adapter.capture(gradients=True) as cap:
+                y = adapter.logits(images.requires_grad_())
+                y.gather(1, t[:, None]).sum().backward()
+            A, G = cap.attention_maps(), cap.gradient_maps()
+
+        Gradients use tensor hooks on the attention output, never module backward hooks
+        (which land on the softmax backward under eval-mode dropout, see methods.md §2).
+        """
+        cap = Capture(self.depth)
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        saved_fused = [getattr(b.attn, "fused_attn", None) for b in self.blocks]
+
+        def on_attention(layer: int):
+            def hook(_m, _inp, out):
+                cap.attention[layer] = out
+                if gradients and out.requires_grad:
+                    def store(g, layer=layer):
+                        cap.attention_grad[layer] = g
+                    out.register_hook(store)
+            return hook
+
+        def on_point(layer: int, name: str, where: str):
+            if where == "input":
+                def hook(_m, inp, _out=None):
+                    cap.activations[layer][name] = inp[0]
+                return hook
+
+            def hook_out(_m, _inp, out):
+                cap.activations[layer][name] = out
+            return hook_out
+
+        try:
+            for i, blk in enumerate(self.blocks):
+                if saved_fused[i] is not None:
+                    blk.attn.fused_attn = False
+                drop = getattr(blk.attn, "attn_drop", None)
+                if drop is None:
+                    raise ValueError(
+                        f"block {i} of {self.name!r} has no attn.attn_drop to capture attention"
+                    )
+                handles.append(drop.register_forward_hook(on_attention(i)))
+                if activations:
+                    for path, where, name in ACTIVATION_POINTS:
+                        module = blk.get_submodule(path) if path else blk
+                        if where == "input" and path == "":
+                            handles.append(module.register_forward_pre_hook(
+                                on_point(i, name, "input")))
+                        elif where == "input":
+                            handles.append(module.register_forward_hook(
+                                on_point(i, name, "input")))
+                        else:
+                            handles.append(module.register_forward_hook(
+                                on_point(i, name, "output")))
+            if activations:
+                def on_head(_m, inp, _out):
+                    cap.head_input = inp[0]
+                handles.append(self.model.get_classifier().register_forward_hook(on_head))
+            yield cap
+        finally:
+            for h in handles:
+                h.remove()
+            for blk, fused in zip(self.blocks, saved_fused, strict=True):
+                if fused is not None:
+                    blk.attn.fused_attn = fused
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    """True for timm VisionTransformer-style models (blocks with attention modules)."""
+    blocks = getattr(model, "blocks", None)
+    return (
+        blocks is not None
+        and hasattr(model, "patch_embed")
+        and len(blocks) > 0
+        and all(hasattr(b, "attn") and hasattr(b.attn, "attn_drop") for b in blocks)
+    )

@@ -1,0 +1,84 @@
+"""Figures of a run: agreement heatmaps and the sample image's maps and masks (matplotlib)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def agreement_heatmap(matrix: np.ndarray, names: Sequence[str], title: str, stem: Path,
+                      counts: np.ndarray | None = None, row_label: str = "",
+                      col_label: str = "") -> list[Path]:
+    """Annotated (M, M) heatmap saved as ``stem``.png and ``stem``.svg.
+
+    NaN cells (undefined: no image had a non-empty denominator) are shown blank as "n/a".
+    ``counts`` (M, M), when given, is printed under each value as the number of images.
+    """
+    m = np.asarray(matrix, dtype=float)
+    size = 1.2 + 0.9 * len(names)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="YlGnBu", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(names)), names, rotation=40, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            text = "n/a" if not np.isfinite(m[i, j]) else f"{m[i, j]:.2f}"
+            if counts is not None:
+                text += f"\nn={int(counts[i, j])}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if np.isfinite(m[i, j]) and m[i, j] > 0.6 else "black")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    fig.savefig(paths[0], dpi=150)
+    fig.savefig(paths[1])
+    plt.close(fig)
+    return paths
+
+
+def sample_figure(image: np.ndarray, maps: Mapping[str, np.ndarray],
+                  masks: Mapping[str, np.ndarray], title: str, path: Path,
+                  truth: np.ndarray | None = None) -> Path:
+    """One image with, per method, its signed map (top) and its binary mask (bottom).
+
+    Args:
+        image: (H, W, 3) in [0, 1], the unnormalised model input.
+        maps: method → (H, W) signed map, shown on a diverging scale symmetric about 0.
+        masks: method → (H, W) bool mask, overlaid on the image.
+        truth: optional (H, W) ground-truth mask, outlined on the image panel.
+    """
+    names = list(maps)
+    cols = len(names) + 1
+    fig, axes = plt.subplots(2, cols, figsize=(2.4 * cols, 5.0), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("image", fontsize=9)
+    if truth is not None and truth.any():
+        axes[0, 0].contour(truth.astype(float), levels=[0.5], colors="lime", linewidths=1.0)
+        axes[1, 0].imshow(truth, cmap="gray", vmin=0, vmax=1)
+        axes[1, 0].set_title("ground truth", fontsize=9)
+    for j, name in enumerate(names, start=1):
+        m = np.asarray(maps[name], dtype=float)
+        peak = float(np.nanmax(np.abs(m))) or 1.0
+        axes[0, j].imshow(m, cmap="RdBu_r", vmin=-peak, vmax=peak)
+        axes[0, j].set_title(name, fontsize=9)
+        axes[1, j].imshow(image)
+        axes[1, j].imshow(np.ma.masked_where(~masks[name], masks[name]), cmap="autumn",
+                          alpha=0.55, vmin=0, vmax=1)
+        axes[1, j].set_title(f"mask ({masks[name].mean():.0%})", fontsize=9)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
