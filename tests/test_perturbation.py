@@ -124,7 +124,7 @@ def test_seeded_coalitions() -> None:
 
 
 def test_kernel_shap_samples_follow_shapley_kernel() -> None:
-    s, n = 10, 20000
+    s, n = 16, 20000  # 2^16 > n: sampled, not enumerated
     z, weights, valid = P.kernel_shap_coalitions(BatchContext.for_batch(1), torch.tensor([s]), n)
     assert valid.all() and (weights[0, 2:] == 1).all() and (weights[0, :2] == 0).all()
     assert not z[0, 0].any() and z[0, 1].all()
@@ -135,8 +135,8 @@ def test_kernel_shap_samples_follow_shapley_kernel() -> None:
     frequency = torch.bincount(sizes, minlength=s)[1:].double() / (n - 2)
     torch.testing.assert_close(frequency, kernel / kernel.sum(), atol=0.01, rtol=0)
     # Uniform subsets of each size: every player is in about half the coalitions.
-    torch.testing.assert_close(z[0, 2:].double().mean(0), torch.full((s,), 0.5, dtype=torch.float64),
-                               atol=0.015, rtol=0)
+    half = torch.full((s,), 0.5, dtype=torch.float64)
+    torch.testing.assert_close(z[0, 2:].double().mean(0), half, atol=0.015, rtol=0)
 
 
 def test_methods_deterministic(vit, batch) -> None:

@@ -204,4 +204,14 @@ def load_maps(root: str | Path) -> dict[str, torch.Tensor]:
             f"{root} has no saved maps; rerun the comparison with --save_attr_maps"
         )
     parts = [load_file(str(f)) for f in files]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return {k: _concat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _concat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along the batch axis; superpixel coefficient rows (B, S) of different
+    widths are NaN-padded to the widest, as within a batch."""
+    width = max(t.shape[1] for t in tensors) if tensors[0].ndim == 2 else None
+    if width is not None:
+        tensors = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=float("nan"))
+                   if t.is_floating_point() else t for t in tensors]
+    return torch.cat(tensors)

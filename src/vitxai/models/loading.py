@@ -118,6 +118,7 @@ def load_model(
     pretrained: bool = True,
     checkpoint: str | Path | None = None,
     device: str | torch.device = "cpu",
+    seed: int = 0,
     **model_kwargs: Any,
 ) -> ModelAdapter:
     """Build timm model ``name`` and wrap it in an adapter.
@@ -128,6 +129,8 @@ def load_model(
         pretrained: fetch the hub weights (ignored when ``checkpoint`` is given).
         checkpoint: a local .safetensors or torch file (read with ``weights_only=True``).
         device: where the model runs.
+        seed: seeds the random initialisation of a model built without weights, so that
+            random-weight runs are reproducible (the global torch RNG is left untouched).
         **model_kwargs: passed to ``timm.create_model`` (img_size, num_classes, ...).
 
     Raises:
@@ -157,5 +160,7 @@ def load_model(
                 f"checkpoint=PATH), or use --random-weights"
             ) from e
     else:
-        model = timm.create_model(name, pretrained=False, **model_kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=False, **model_kwargs)
     return adapt(model.to(device), name)
