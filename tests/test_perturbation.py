@@ -43,9 +43,9 @@ def vit() -> ViTAdapter:
 
 @pytest.fixture(scope="module")
 def linear() -> ModelAdapter:
-    """A model whose logits are linear in the pixels, hence additive over superpixels."""
+    """A float64 model whose logits are linear in the pixels, hence additive over superpixels."""
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 10))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 10)).double()
     return ModelAdapter(model, MEAN, STD, (SIZE, SIZE), "linear")
 
 
@@ -152,7 +152,7 @@ def test_methods_deterministic(vit, batch) -> None:
 
 @pytest.mark.parametrize("fill", ["mean", "black", 0.3])
 def test_additive_model_recovered(linear, fill) -> None:
-    image = blocks(5, 4)
+    image = blocks(5, 4).double()
     target = 3
     seg_params = slic(16)
     segments = P.segment(image, seg_params)
@@ -164,9 +164,10 @@ def test_additive_model_recovered(linear, fill) -> None:
     shap = attribute("kernel_shap", linear, image, target, **common)
     lime0 = attribute("lime", linear, image, target, alpha=0.0, **common)
     lime_small = attribute("lime", linear, image, target, alpha=1e-6, **common)
-    torch.testing.assert_close(shap.native[0].double(), expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(lime0.native[0].double(), expected, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(lime_small.native[0].double(), expected, atol=1e-4, rtol=1e-4)
+    assert shap.native.dtype == torch.float64  # float64 models keep float64 end to end
+    torch.testing.assert_close(shap.native[0], expected, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lime0.native[0], expected, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(lime_small.native[0], expected, atol=1e-6, rtol=1e-6)
 
 
 def exact_shapley(value: dict[tuple[int, ...], float], s: int) -> torch.Tensor:

@@ -236,3 +236,70 @@ def test_attention_methods_share_one_pass(vit, monkeypatch):
     b = attribute("chefer2021a", vit, x, [0, 1], context=ctx)
     assert len(calls) == 1
     assert b.cost.shared and not a.cost.shared
+
+
+# --- the rest of the attention family --------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["raw_attention", "grad_rollout", "chefer2021b",
+                                    "attention_gradcam"])
+def test_more_attention_methods_batch_equals_per_image(method, vit64):
+    x = images_for(vit64, 3)
+    t = torch.tensor([2, 5, 9])
+    batch = attribute(method, vit64, x, t)
+    single = torch.cat([attribute(method, vit64, x[i:i + 1], t[i:i + 1]).maps for i in range(3)])
+    assert batch.native.shape == (3, 4, 4)
+    assert torch.allclose(batch.maps, single, atol=1e-10)
+
+
+def _captured(adapter, x, t):
+    with adapter.capture(gradients=True) as cap:
+        adapter.logits(x.clone().requires_grad_()).gather(1, t[:, None]).sum().backward()
+    return [a.detach() for a in cap.attention_maps()], cap.gradient_maps()
+
+
+def test_raw_attention_and_chefer2021b_closed_forms(vit64):
+    x = images_for(vit64, 2)
+    t = torch.tensor([1, 3])
+    attn, grads = _captured(vit64, x, t)
+    raw = attribute("raw_attention", vit64, x, t).native
+    assert torch.allclose(raw, attn[-1].mean(1)[:, 0, 1:].reshape(2, 4, 4), atol=1e-12)
+    head = attribute("raw_attention", vit64, x, t, head=1, layer=0).native
+    assert torch.allclose(head, attn[0][:, 1, 0, 1:].reshape(2, 4, 4), atol=1e-12)
+    # 2021b: full matrix product (I + Ā_{L−1})…(I + Ā_0), row 0, patch columns
+    eye = torch.eye(17, dtype=torch.float64)
+    prod = eye.expand(2, 17, 17)
+    for a, g in zip(attn, grads, strict=True):
+        prod = (eye + (g * a).clamp(min=0).mean(1)) @ prod
+    ours = attribute("chefer2021b", vit64, x, t).native
+    assert torch.allclose(ours, prod[:, 0, 1:].reshape(2, 4, 4), atol=1e-12)
+
+
+def test_grad_rollout_legacy_reproduces_the_three_quirks(vit64):
+    x = images_for(vit64, 1)
+    t = torch.tensor([4])
+    attn, grads = _captured(vit64, x, t)
+    # vit-explain, literally: pre-softmax gradient, reversed pairing, no keepdim, /max
+    pre_softmax = [a * (g - (a * g).sum(-1, keepdim=True)) for a, g in zip(attn, grads,
+                                                                          strict=True)]
+    result = torch.eye(17, dtype=torch.float64)
+    for a, g in zip(attn, pre_softmax[::-1], strict=True):
+        fused = (a * g).mean(1).clamp(min=0)
+        flat = fused.view(1, -1)
+        idx = flat.topk(int(flat.size(-1) * 0.9), -1, False).indices
+        flat[0, idx] = 0
+        m = (fused + torch.eye(17, dtype=torch.float64)) / 2
+        m = m / m.sum(dim=-1)
+        result = m[0] @ result
+    expected = result[0, 1:] / result[0, 1:].max()
+    legacy = attribute("grad_rollout", vit64, x, t, legacy=True).native.reshape(-1)
+    assert torch.allclose(legacy.double(), expected, atol=1e-12)
+    correct = attribute("grad_rollout", vit64, x, t).native.reshape(-1)
+    assert not torch.allclose(legacy, correct, atol=1e-3)
+    assert correct.max() == pytest.approx(1.0)
+
+
+def test_attention_gradcam_is_nonnegative_and_class_specific(vit64):
+    x = images_for(vit64, 1)
+    maps = [attribute("attention_gradcam", vit64, x, t).maps for t in (0, 5)]
+    assert all((m >= 0).all() for m in maps)
+    assert not torch.allclose(maps[0], maps[1])

@@ -75,6 +75,9 @@ _STAR_OUT = 0.98  # tip radius of the pentagram; its edge lines lie at 0.309 · 
 _CROSS = (0.34, 0.94)  # arm half-width, arm half-length
 _DISC = 0.9
 _NOISE_BANK = 448
+# Distractors per image: [low, high) counts of segments, ellipses, rings; share textured.
+_N_LINES, _N_ELLIPSES, _N_RINGS = (2, 7), (1, 5), (0, 4)
+_P_TEXTURED = 1 / 3
 
 
 class Generated(NamedTuple):
@@ -194,8 +197,8 @@ def _object(d: _Draws, label: int, cx: float, cy: float, r: float) -> _Object:
 
 
 def _clutter(d: _Draws) -> list[_Clutter]:
-    kinds = (["line"] * d.integer(2, 7) + ["ellipse"] * d.integer(1, 5)
-             + ["ring"] * d.integer(0, 4))
+    kinds = (["line"] * d.integer(*_N_LINES) + ["ellipse"] * d.integer(*_N_ELLIPSES)
+             + ["ring"] * d.integer(*_N_RINGS))
     items: list[_Clutter] = []
     for kind in sorted(kinds, key=lambda _: d.uniform()):  # random drawing order
         cx, cy, angle = d.uniform(0, IMAGE_SIZE), d.uniform(0, IMAGE_SIZE), d.uniform(0, math.pi)
@@ -207,7 +210,7 @@ def _clutter(d: _Draws) -> list[_Clutter]:
         else:
             a = d.uniform(8, 18)
             b = a - d.uniform(2, 4)
-        if kind != "line" and d.uniform() < 1 / 3:
+        if kind != "line" and d.uniform() < _P_TEXTURED:
             fill = _texture(d, d.integer(0, 2))
         else:
             colour = _vivid(d)

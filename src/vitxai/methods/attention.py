@@ -203,3 +203,191 @@ def attention_rollout(adapter: ViTAdapter, images: torch.Tensor, targets: torch.
     row = rollout_row(attn, readout, p)
     native, full = to_patch_map(adapter, row, images)
     return Attribution("attention_rollout", full, native, "patch", targets, pass_cost(vp, reused))
+
+
+def _patch_attribution(name: str, adapter: ViTAdapter, images: torch.Tensor,
+                       targets: torch.Tensor, row: torch.Tensor, cost: Cost) -> Attribution:
+    native, full = to_patch_map(adapter, row, images)
+    return Attribution(name, full, native, "patch", targets, cost)
+
+
+@dataclass(frozen=True)
+class RawAttentionParams:
+    """Raw attention of one block (Chefer's `last_layer_attn`; DINO-style with ``head``).
+
+    Attributes:
+        layer: block index; negative counts from the end (−1 = last block).
+        head: None = mean over heads, else that head's map.
+    """
+
+    layer: int = -1
+    head: int | None = None
+
+
+@register_method(
+    "raw_attention",
+    params=RawAttentionParams,
+    family="attention",
+    vit_only=True,
+    uses={"attention"},
+    aliases=("last_layer_attn", "attention"),
+    paper="Caron et al. 2021, 'Emerging Properties in Self-Supervised Vision Transformers', "
+          "ICCV (attention maps); Chefer et al. 2021a baseline",
+    summary="Read-out row of one block's attention, mean over heads or one head.",
+)
+def raw_attention(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
+                  p: RawAttentionParams, context: BatchContext) -> Attribution:
+    """Class-agnostic: readoutᵀ·A_layer (mean over heads or one head)."""
+    if not -adapter.depth <= p.layer < adapter.depth:
+        raise ValueError(f"parameter layer={p.layer} is out of range [-{adapter.depth}, "
+                         f"{adapter.depth})")
+    if p.head is not None and not 0 <= p.head < adapter.num_heads:
+        raise ValueError(f"parameter head={p.head} is out of range [0, {adapter.num_heads})")
+    vp, reused = vit_pass(adapter, images, targets, context, gradients=False)
+    a = vp.capture.attention_maps()[p.layer].detach()
+    a = a.mean(dim=1) if p.head is None else a[:, p.head]
+    readout = readout_row(adapter, a.shape[-1], a.shape[0], a.dtype, a.device)
+    row = torch.bmm(readout.unsqueeze(1), a).squeeze(1)
+    return _patch_attribution("raw_attention", adapter, images, targets, row,
+                              pass_cost(vp, reused))
+
+
+@dataclass(frozen=True)
+class GradRolloutParams:
+    """Gradient Attention Rollout (vit-explain), correct by default.
+
+    Attributes:
+        discard_ratio: share of the smallest fused entries zeroed per layer (nothing
+            protected, as in vit-explain's gradient rollout), in [0, 1).
+        start_layer: first block multiplied in.
+        legacy: reproduce vit-explain exactly: the "gradient" is ∂y/∂(scaled scores) (its
+            module backward hook on an eval-mode Dropout lands on the softmax backward),
+            layers paired in reverse (block l gets block L−1−l's gradient), and row
+            normalisation without keepdim (methods.md §2).
+    """
+
+    discard_ratio: float = 0.9
+    start_layer: int = 0
+    legacy: bool = False
+
+    def __post_init__(self) -> None:
+        check_range("discard_ratio", self.discard_ratio, 0.0, 1.0, high_open=True)
+        check_range("start_layer", self.start_layer, 0, None)
+
+
+def softmax_input_gradient(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """∂y/∂S for A = softmax(S) given G = ∂y/∂A: A ⊙ (G − Σ_j A_ij G_ij)."""
+    return a * (g - (a * g).sum(dim=-1, keepdim=True))
+
+
+@register_method(
+    "grad_rollout",
+    params=GradRolloutParams,
+    family="attention",
+    vit_only=True,
+    uses={"attention", "attention_grad"},
+    aliases=("gradient_rollout", "GradientAttentionRollout"),
+    paper="Gildenblat 2020, vit-explain 'Gradient Attention Rollout' (jacobgil/vit-explain)",
+    summary="Rollout of max(mean_h(A ⊙ ∂y/∂A), 0) with discard; class-specific.",
+)
+def grad_rollout(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
+                 p: GradRolloutParams, context: BatchContext) -> Attribution:
+    """F = max(mean_h(A_l ⊙ G_l), 0); M = rownorm((F + I)/2); map = readout of the product,
+    divided by its maximum as in vit-explain."""
+    vp, reused = vit_pass(adapter, images, targets, context, gradients=True)
+    attn = [a.detach() for a in vp.capture.attention_maps()]
+    grads = vp.capture.gradient_maps()
+    depth = len(attn)
+    if p.start_layer >= depth:
+        raise ValueError(f"parameter start_layer={p.start_layer} must be < depth {depth}")
+    if p.legacy:
+        grads = [softmax_input_gradient(a, g) for a, g in zip(attn, grads, strict=True)]
+        grads = grads[::-1]
+    readout = readout_row(adapter, attn[0].shape[-1], attn[0].shape[0], attn[0].dtype,
+                          attn[0].device)
+    r = readout
+    for layer in range(depth - 1, p.start_layer - 1, -1):
+        fused = (attn[layer] * grads[layer]).mean(dim=1).clamp(min=0)
+        fused = discard_lowest(fused, p.discard_ratio, protect_cls=False)
+        n = fused.shape[-1]
+        m = (fused + torch.eye(n, dtype=r.dtype, device=r.device)) / 2
+        sums = m.sum(dim=-1)
+        m = m / (sums.unsqueeze(-2) if p.legacy else sums.unsqueeze(-1))
+        r = torch.bmm(r.unsqueeze(1), m).squeeze(1)
+    patches = r[:, adapter.num_prefix_tokens:]
+    peak = patches.amax(dim=1, keepdim=True)
+    r = r / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return _patch_attribution("grad_rollout", adapter, images, targets, r,
+                              pass_cost(vp, reused))
+
+
+@dataclass(frozen=True)
+class Chefer2021bParams:
+    """Chefer et al. 2021b generic attention explainability.
+
+    Attributes:
+        start_layer: first block in the product; the CLIP notebook uses only the last block
+            (start_layer = depth − 1, or −1 here).
+    """
+
+    start_layer: int = 0
+
+
+@register_method(
+    "chefer2021b",
+    params=Chefer2021bParams,
+    family="attention",
+    vit_only=True,
+    uses={"attention", "attention_grad"},
+    aliases=("generic_attention", "GenericAttention"),
+    paper="Chefer, Gur & Wolf 2021, 'Generic Attention-model Explainability for Interpreting "
+          "Bi-Modal and Encoder-Decoder Transformers', ICCV",
+    summary="R ← R + mean_h max(∇A ⊙ A, 0)·R from R = I; class-specific, no normalisation.",
+)
+def chefer2021b(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
+                p: Chefer2021bParams, context: BatchContext) -> Attribution:
+    """Equals (I + Ā_{L−1})…(I + Ā_s) with Ā = mean_h max(G ⊙ A, 0) (methods.md §4)."""
+    start = p.start_layer + adapter.depth if p.start_layer < 0 else p.start_layer
+    if not 0 <= start < adapter.depth:
+        raise ValueError(f"parameter start_layer={p.start_layer} is out of range "
+                         f"[-{adapter.depth}, {adapter.depth})")
+    vp, reused = vit_pass(adapter, images, targets, context, gradients=True)
+    attn = vp.capture.attention_maps()
+    grads = vp.capture.gradient_maps()
+    r = readout_row(adapter, attn[0].shape[-1], attn[0].shape[0], attn[0].dtype,
+                    attn[0].device)
+    for layer in range(adapter.depth - 1, start - 1, -1):
+        abar = (grads[layer] * attn[layer].detach()).clamp(min=0).mean(dim=1)
+        r = r + torch.bmm(r.unsqueeze(1), abar).squeeze(1)
+    return _patch_attribution("chefer2021b", adapter, images, targets, r, pass_cost(vp, reused))
+
+
+@dataclass(frozen=True)
+class AttentionGradCamParams:
+    """Attention-GradCAM on the last block (Chefer et al. 2021a baseline)."""
+
+
+@register_method(
+    "attention_gradcam",
+    params=AttentionGradCamParams,
+    family="attention",
+    vit_only=True,
+    uses={"attention", "attention_grad"},
+    aliases=("attn_gradcam", "gradcam_attention"),
+    paper="Selvaraju et al. 2017 Grad-CAM, applied to the last attention map as in Chefer et "
+          "al. 2021a",
+    summary="max(mean_h(w_h · A[h, cls, patches]), 0) with w_h the mean gradient of head h.",
+)
+def attention_gradcam(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
+                      p: AttentionGradCamParams, context: BatchContext) -> Attribution:
+    """w_h = mean over patches j of G[h, 0, j]; map = max(mean_h(w_h·A[h, 0, P:]), 0)."""
+    vp, reused = vit_pass(adapter, images, targets, context, gradients=True)
+    a = vp.capture.attention_maps()[-1].detach()
+    g = vp.capture.gradient_maps()[-1]
+    readout = readout_row(adapter, a.shape[-1], a.shape[0], a.dtype, a.device)
+    a_row = torch.einsum("bn,bhnm->bhm", readout, a)
+    g_row = torch.einsum("bn,bhnm->bhm", readout, g)
+    weights = g_row[:, :, adapter.num_prefix_tokens:].mean(dim=-1, keepdim=True)
+    row = (weights * a_row).mean(dim=1).clamp(min=0)
+    return _patch_attribution("attention_gradcam", adapter, images, targets, row,
+                              pass_cost(vp, reused))

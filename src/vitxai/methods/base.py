@@ -274,8 +274,10 @@ def attribute(
     result = spec.fn(adapter, images, t, p, ctx)
     if not result.cost.seconds:
         result.cost.seconds = time.perf_counter() - start
-    result.maps = result.maps.detach().float().cpu()
-    result.native = result.native.detach().float().cpu()
+    # float32 results (bf16/fp16 runs included); float64 models keep float64 for exact tests
+    dtype = torch.float64 if adapter.dtype == torch.float64 else torch.float32
+    result.maps = result.maps.detach().to("cpu", dtype)
+    result.native = result.native.detach().to("cpu", dtype)
     if result.channels is not None:
-        result.channels = result.channels.detach().float().cpu()
+        result.channels = result.channels.detach().to("cpu", dtype)
     return result

@@ -205,25 +205,24 @@ def evaluate_coalitions(
             keep = keep_rows[bi, ji].gather(1, seg[bi]).view(-1, 1, *images.shape[-2:])
             # where() rather than arithmetic so that kept pixels are bit-identical to the input.
             x = torch.where(keep, images[bi], colour)
-            logits = adapter.logits(x).float()
+            # Upcast before the softmax: half-precision probabilities near 0 or 1 lose digits.
+            logits = adapter.logits(x).double()
             if output == "probability":
                 logits = logits.softmax(dim=1)
-            result[chunk[:, 0], chunk[:, 1]] = (
-                logits.gather(1, tgt[bi, None])[:, 0].double().cpu()
-            )
+            result[chunk[:, 0], chunk[:, 1]] = logits.gather(1, tgt[bi, None])[:, 0].cpu()
     return result
 
 
 def _expand_to_pixels(values: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
-    """(B, S_max) per-superpixel values → (B, H, W) float32 maps."""
+    """(B, S_max) per-superpixel values → (B, H, W) maps (same dtype; attribute() casts)."""
     flat = values.gather(1, segments.flatten(1).to(values.device))
-    return flat.view(segments.shape).float()
+    return flat.view(segments.shape)
 
 
 def _padded_native(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """(B, S_max) float32 with NaN beyond each image's S_b."""
+    """(B, S_max) values with NaN beyond each image's S_b."""
     real = torch.arange(values.shape[1])[None] < counts[:, None]
-    return torch.where(real, values, torch.full_like(values, float("nan"))).float()
+    return torch.where(real, values, torch.full_like(values, float("nan")))
 
 
 # --------------------------------------------------------------------------------------------
