@@ -167,6 +167,42 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _class_names(adapter) -> dict[int, str]:
+    if adapter.name == "vitxai-benchmark-vit":
+        from vitxai.data.synthetic import CLASS_NAMES
+
+        return dict(CLASS_NAMES)
+    if adapter.num_classes == 1000:
+        from vitxai.data.datasets import imagenet_class_name
+
+        return {i: imagenet_class_name(i) for i in range(1000)}
+    return {}
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from vitxai.data import FolderDataset, eval_transform
+    from vitxai.explain import explain
+    from vitxai.models import load_model
+
+    overrides = _method_overrides(args)
+    if args.discard_ratio is not None:
+        overrides.setdefault("grad_rollout", {})["discard_ratio"] = args.discard_ratio
+    if args.model == "bundled":
+        from vitxai.models.bundled import load_bundled_model
+
+        adapter = load_bundled_model(device=args.device)
+    else:
+        adapter = load_model(args.model, pretrained=not args.random_weights,
+                             checkpoint=args.checkpoint, device=args.device)
+    dataset = FolderDataset(args.image, transform=eval_transform(adapter.data_config))
+    paths = explain(adapter, dataset, args.methods, args.out,
+                    category_index=args.category_index, method_params=overrides,
+                    seed=args.seed, class_names=_class_names(adapter))
+    for p in paths:
+        print(p)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from vitxai.methods import METHODS
 
@@ -255,6 +291,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_compare)
+
+    e = sub.add_parser(
+        "explain", help="overlay figures of chosen methods for one image or a folder",
+        description="Explain one image (or every image of a folder): one figure per image with "
+                    "an overlay per method, and the maps as safetensors.")
+    e.add_argument("--image", required=True, help="an image file or a folder of images")
+    e.add_argument("--methods", nargs="+",
+                   default=["attention_rollout", "grad_rollout", "chefer2021a"])
+    e.add_argument("--category-index", "--category_index", dest="category_index", type=int,
+                   help="class to explain (default: the prediction)")
+    e.add_argument("--head-fusion", "--head_fusion", dest="head_fusion",
+                   choices=["mean", "max", "min"], help="attention rollout head fusion")
+    e.add_argument("--discard-ratio", "--discard_ratio", dest="discard_ratio", type=float,
+                   help="discard ratio of attention rollout and gradient rollout")
+    e.add_argument("--model", default=DEFAULT_IMAGENET_MODEL,
+                   help="timm model name, or 'bundled'")
+    e.add_argument("--checkpoint", help="local weights (.safetensors or torch file)")
+    e.add_argument("--random-weights", action="store_true")
+    e.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--out", default="explanations", help="output folder")
+    e.set_defaults(func=cmd_explain)
 
     m = sub.add_parser("methods", help="list every method with its parameters and paper")
     m.set_defaults(func=cmd_methods)
