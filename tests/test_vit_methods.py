@@ -303,3 +303,83 @@ def test_attention_gradcam_is_nonnegative_and_class_specific(vit64):
     maps = [attribute("attention_gradcam", vit64, x, t).maps for t in (0, 5)]
     assert all((m >= 0).all() for m in maps)
     assert not torch.allclose(maps[0], maps[1])
+
+
+# --- Chefer 2021a siblings, distilled read-out -----------------------------------------------
+
+def tiny_distilled(dtype=torch.float64):
+    from conftest import TINY_CFG
+    from timm.models.deit import VisionTransformerDistilled
+
+    from vitxai.models import adapt
+
+    torch.manual_seed(5)
+    model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                       num_heads=2, mlp_ratio=2.0, num_classes=10)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return adapt(model.to(dtype), name="tiny_distilled", config=TINY_CFG)
+
+
+def test_chefer_on_distilled_conserves_and_batches():
+    a = tiny_distilled()
+    x = images_for(a, 3)
+    t = torch.tensor([1, 2, 3])
+    with a.capture(gradients=True, activations=True) as cap:
+        a.logits(x.clone().requires_grad_()).gather(1, t[:, None]).sum().backward()
+    with torch.no_grad():
+        rel = relevance_pass(a, cap, t)
+    assert torch.allclose(rel.block_input_relevance[0].sum((1, 2)),
+                          torch.ones(3, dtype=torch.float64), atol=1e-6)
+    batch = attribute("chefer2021a", a, x, t).maps
+    single = torch.cat([attribute("chefer2021a", a, x[i:i + 1], t[i:i + 1]).maps
+                        for i in range(3)])
+    assert torch.allclose(batch, single, atol=1e-10)
+    assert attribute("attention_rollout", a, x, t).native.shape == (3, 4, 4)
+
+
+@pytest.mark.parametrize("method", ["chefer_lrp_rollout", "chefer_last_layer",
+                                    "chefer_full_lrp"])
+def test_chefer_siblings_batch_equals_per_image(method, vit64):
+    x = images_for(vit64, 3)
+    t = torch.tensor([0, 4, 8])
+    batch = attribute(method, vit64, x, t).maps
+    single = torch.cat([attribute(method, vit64, x[i:i + 1], t[i:i + 1]).maps
+                        for i in range(3)])
+    assert torch.allclose(batch, single, atol=1e-10)
+
+
+def test_chefer_last_layer_closed_form_and_shared_relevance(vit64):
+    x = images_for(vit64, 2)
+    t = torch.tensor([3, 5])
+    with vit64.capture(gradients=True, activations=True) as cap:
+        vit64.logits(x.clone().requires_grad_()).gather(1, t[:, None]).sum().backward()
+    with torch.no_grad():
+        rel = relevance_pass(vit64, cap, t)
+    expected = rel.attention_relevance[-1].clamp(min=0).mean(1)[:, 0, 1:].reshape(2, 4, 4)
+    ctx = BatchContext.for_batch(2, planned=["chefer2021a", "chefer_last_layer"])
+    first = attribute("chefer2021a", vit64, x, t, context=ctx)
+    last = attribute("chefer_last_layer", vit64, x, t, context=ctx)
+    assert torch.allclose(last.native, expected, atol=1e-12)
+    assert last.cost.shared and not first.cost.shared
+
+
+def test_patch_embedding_rule_conserves():
+    from vitxai.methods.lrp import patch_embedding_rule
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 3, 8, 8, generator=g, dtype=torch.float64)
+    r = torch.rand(2, 5, 2, 2, generator=g, dtype=torch.float64)
+    out = patch_embedding_rule(x, w, r, (8, 8))
+    assert out.shape == x.shape
+    assert torch.allclose(out.sum((1, 2, 3)), r.sum((1, 2, 3)), rtol=1e-6)
+
+
+def test_full_lrp_pixel_relevance_is_bounded_by_the_total(vit64):
+    x = images_for(vit64, 2)
+    r = attribute("chefer_full_lrp", vit64, x, [1, 2])
+    assert r.maps.shape == (2, 32, 32) and r.channels.shape == (2, 3, 32, 32)
+    # the patch tokens' share of the unit relevance entering block 0
+    assert ((r.maps.sum((1, 2)) > 0) & (r.maps.sum((1, 2)) < 1 + 1e-6)).all()

@@ -94,21 +94,26 @@ def relevance_pass(adapter: ViTAdapter, capture, targets: torch.Tensor, stop_lay
     head_in = capture.head_input
     if head_in is None:
         raise RuntimeError("the pass did not record the classifier input")
-    dtype = head_in.dtype
-    b = head_in.shape[0]
-    onehot = torch.zeros(b, adapter.num_classes, dtype=dtype, device=head_in.device)
-    onehot[torch.arange(b), targets.to(head_in.device)] = 1.0
-    if adapter.distilled or not isinstance(model.get_classifier(), torch.nn.Linear):
-        raise ValueError(
-            "chefer2021a supports class-token ViTs with a linear head "
-            f"({adapter.name!r} is distilled or has another head)"
-        )
+    heads = [model.head] + ([model.head_dist] if adapter.distilled else [])
+    if not all(isinstance(h, torch.nn.Linear) for h in heads):
+        raise ValueError(f"chefer2021a needs a linear classifier head ({adapter.name!r})")
     if type(model.fc_norm).__name__ != "Identity":
         raise ValueError("chefer2021a needs the token read-out without fc_norm")
-    r_head = linear_rule(head_in, model.get_classifier().weight, onehot)
+    b = head_in.shape[0]
+    onehot = torch.zeros(b, adapter.num_classes, dtype=head_in.dtype, device=head_in.device)
+    onehot[torch.arange(b), targets.to(head_in.device)] = 1.0
     first = capture.activations[depth - 1]["x"]
-    relevance = torch.zeros(b, first.shape[1], first.shape[2], dtype=dtype, device=first.device)
-    relevance[:, 0] = r_head  # token pooling sends everything to CLS; final norm is identity
+    relevance = torch.zeros_like(first)
+    # token pooling sends everything to the read-out tokens; the final norm is identity
+    if adapter.distilled:
+        # eval output = (head(CLS) + head_dist(DIST)) / 2: split R by the residual rule
+        dist_in = capture.head_dist_input
+        halves = (model.head(head_in) / 2, model.head_dist(dist_in) / 2)
+        r_cls, r_dist = residual_rule(*halves, onehot)
+        relevance[:, 0] = linear_rule(head_in, model.head.weight, r_cls)
+        relevance[:, 1] = linear_rule(dist_in, model.head_dist.weight, r_dist)
+    else:
+        relevance[:, 0] = linear_rule(head_in, model.head.weight, onehot)
     attn_rel: list[torch.Tensor | None] = [None] * depth
     block_in: list[torch.Tensor | None] = [None] * depth
     for layer in range(depth - 1, stop_layer - 1, -1):
@@ -185,20 +190,169 @@ class CheferParams:
 def chefer2021a(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
                 p: CheferParams, context: BatchContext) -> Attribution:
     """Transformer attribution: C = (I + Ā_{L−1})…(I + Ā_s), Ā = mean_h max(G ⊙ R_A, 0)."""
-    _check_supported(adapter)
-    if p.start_layer >= adapter.depth:
-        raise ValueError(f"parameter start_layer={p.start_layer} must be < depth {adapter.depth}")
-    vp, reused = vit_pass(adapter, images, targets, context, gradients=True)
-    cap = vp.capture
+    vp, reused, rel = _relevance(adapter, images, targets, context, p.start_layer)
     with torch.no_grad():
-        rel = relevance_pass(adapter, cap, targets, stop_layer=p.start_layer)
-        grads = cap.gradient_maps()
-        a0 = cap.attention[0]
+        grads = vp.capture.gradient_maps()
+        a0 = vp.capture.attention[0]
         r = readout_row(adapter, a0.shape[-1], images.shape[0], a0.dtype, a0.device)
         for layer in range(adapter.depth - 1, p.start_layer - 1, -1):
             abar = (grads[layer] * rel.attention_relevance[layer]).clamp(min=0).mean(dim=1)
             r = r + torch.bmm(r.unsqueeze(1), abar).squeeze(1)  # r ← r·(I + Ā)
     native, full = to_patch_map(adapter, r, images)
+    return Attribution("chefer2021a", full, native, "patch", targets, _lrp_cost(vp, reused))
+
+
+def _relevance(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
+               context: BatchContext, stop_layer: int):
+    """The shared pass plus one relevance pass down to ``stop_layer``: (pass, reused, rel)."""
+    _check_supported(adapter)
+    if not 0 <= stop_layer < adapter.depth:
+        raise ValueError(f"parameter start_layer={stop_layer} must be in [0, {adapter.depth})")
+    vp, reused = vit_pass(adapter, images, targets, context, gradients=True)
+    # one relevance pass serves every sibling whose start layer it reached
+    cached = context.cache.get("lrp")
+    if cached is not None and cached[0] is vp and cached[1] <= stop_layer:
+        return vp, True, cached[2]
+    with torch.no_grad():
+        rel = relevance_pass(adapter, vp.capture, targets, stop_layer=stop_layer)
+    context.cache["lrp"] = (vp, stop_layer, rel)
+    return vp, reused, rel
+
+
+def _lrp_cost(vp, reused: bool):
     cost = pass_cost(vp, reused)
     cost.backward += 1  # the explicit relevance pass costs about one backward
-    return Attribution("chefer2021a", full, native, "patch", targets, cost)
+    return cost
+
+
+@register_method(
+    "chefer_lrp_rollout",
+    params=CheferParams,
+    family="lrp",
+    vit_only=True,
+    uses={"attention", "attention_grad", "lrp"},
+    aliases=("lrp_rollout",),
+    paper="Chefer, Gur & Wolf 2021a (CVPR), `rollout` mode of ViT_LRP",
+    summary="(I + mean_h max(R_A, 0)) product without gradients: LRP-relevance rollout.",
+)
+def chefer_lrp_rollout(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
+                       p: CheferParams, context: BatchContext) -> Attribution:
+    """Same product as :func:`chefer2021a` with Ā = mean_h max(R_A, 0), unnormalised."""
+    vp, reused, rel = _relevance(adapter, images, targets, context, p.start_layer)
+    a0 = vp.capture.attention[0]
+    r = readout_row(adapter, a0.shape[-1], images.shape[0], a0.dtype, a0.device)
+    for layer in range(adapter.depth - 1, p.start_layer - 1, -1):
+        abar = rel.attention_relevance[layer].clamp(min=0).mean(dim=1)
+        r = r + torch.bmm(r.unsqueeze(1), abar).squeeze(1)
+    native, full = to_patch_map(adapter, r, images)
+    return Attribution("chefer_lrp_rollout", full, native, "patch", targets,
+                       _lrp_cost(vp, reused))
+
+
+@dataclass(frozen=True)
+class LastLayerParams:
+    """Relevance of one block's attention (Chefer 2021a `last_layer` / `second_layer`).
+
+    Attributes:
+        layer: block index; −1 = last block (`last_layer`), 1 = `second_layer`.
+        ablation: multiply R_A by the attention gradient before clamping (the reference's
+            `is_ablation` flag).
+    """
+
+    layer: int = -1
+    ablation: bool = False
+
+
+@register_method(
+    "chefer_last_layer",
+    params=LastLayerParams,
+    family="lrp",
+    vit_only=True,
+    uses={"attention", "attention_grad", "lrp"},
+    aliases=("last_layer", "lrp_last_layer"),
+    paper="Chefer, Gur & Wolf 2021a (CVPR), `last_layer` mode of ViT_LRP",
+    summary="mean_h max(R_A, 0) of one block, read-out row (gradient-weighted with ablation).",
+)
+def chefer_last_layer(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
+                      p: LastLayerParams, context: BatchContext) -> Attribution:
+    layer = p.layer + adapter.depth if p.layer < 0 else p.layer
+    if not 0 <= layer < adapter.depth:
+        raise ValueError(f"parameter layer={p.layer} is out of range "
+                         f"[-{adapter.depth}, {adapter.depth})")
+    vp, reused, rel = _relevance(adapter, images, targets, context, layer)
+    r_a = rel.attention_relevance[layer]
+    if p.ablation:
+        r_a = r_a * vp.capture.gradient_maps()[layer]
+    abar = r_a.clamp(min=0).mean(dim=1)
+    readout = readout_row(adapter, abar.shape[-1], abar.shape[0], abar.dtype, abar.device)
+    row = torch.bmm(readout.unsqueeze(1), abar).squeeze(1)
+    native, full = to_patch_map(adapter, row, images)
+    return Attribution("chefer_last_layer", full, native, "patch", targets,
+                       _lrp_cost(vp, reused))
+
+
+@dataclass(frozen=True)
+class FullLrpParams:
+    """Pixel-level LRP of Chefer 2021a (`full` mode); no parameters."""
+
+
+def patch_embedding_rule(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor,
+                         stride: tuple[int, int]) -> torch.Tensor:
+    """z^B rule through the patch convolution, bounds = per-sample min and max of the input.
+
+    Args:
+        x: (B, 3, H, W) the model's normalised input.
+        weight: (D, 3, p, p) patch-embedding kernel (stride = kernel, no overlap).
+        relevance: (B, D, gh, gw) relevance of the patch embeddings.
+
+    Returns:
+        (B, 3, H, W) pixel relevance (Montavon et al. 2017, deep Taylor z^B).
+    """
+    import torch.nn.functional as F
+
+    low = x.amin(dim=(1, 2, 3), keepdim=True).expand_as(x)
+    high = x.amax(dim=(1, 2, 3), keepdim=True).expand_as(x)
+    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
+    z = (F.conv2d(x, weight, stride=stride) - F.conv2d(low, wp, stride=stride)
+         - F.conv2d(high, wn, stride=stride) + 1e-9)
+    s = relevance / z
+    size = x.shape[-2:]
+
+    def back(w: torch.Tensor) -> torch.Tensor:
+        out = F.conv_transpose2d(s, w, stride=stride)
+        return F.pad(out, (0, size[1] - out.shape[-1], 0, size[0] - out.shape[-2]))
+
+    return x * back(weight) - low * back(wp) - high * back(wn)
+
+
+@register_method(
+    "chefer_full_lrp",
+    params=FullLrpParams,
+    family="lrp",
+    vit_only=True,
+    uses={"attention", "attention_grad", "lrp"},
+    aliases=("full_lrp", "lrp_full"),
+    paper="Chefer, Gur & Wolf 2021a (CVPR), `full` mode of ViT_LRP (LRP to the pixels)",
+    summary="LRP α1β0 through every block, the position-embedding add and the patch conv (z^B).",
+)
+def chefer_full_lrp(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
+                    p: FullLrpParams, context: BatchContext) -> Attribution:
+    model = adapter.model
+    pe = model.patch_embed
+    if (getattr(model, "no_embed_class", False) or model.pos_embed is None
+            or type(model.norm_pre).__name__ != "Identity"
+            or type(pe.norm).__name__ != "Identity" or tuple(pe.proj.stride) != adapter.patch_size):
+        raise ValueError(f"chefer_full_lrp needs a plain timm ViT embedding ({adapter.name!r})")
+    from vitxai.methods.gradient import pixel_attribution
+
+    vp, reused, rel = _relevance(adapter, images, targets, context, 0)
+    with torch.no_grad():
+        x0 = vp.capture.activations[0]["x"]
+        pos = model.pos_embed.expand_as(x0)
+        r_tokens, _ = residual_rule(x0 - pos, pos, rel.block_input_relevance[0])
+        gh, gw = adapter.grid_of(images)
+        r_patch = r_tokens[:, adapter.num_prefix_tokens:].transpose(1, 2)
+        r_patch = r_patch.reshape(images.shape[0], -1, gh, gw)
+        channels = patch_embedding_rule(adapter.normalize(images), pe.proj.weight, r_patch,
+                                        adapter.patch_size)
+    return pixel_attribution("chefer_full_lrp", channels, targets, _lrp_cost(vp, reused))

@@ -78,7 +78,8 @@ class Capture:
 
     ``attention[l]`` is block l's post-softmax attention (B, heads, N, N); ``attention_grad[l]``
     its gradient once a backward pass ran; ``activations[l]`` maps names to block l's tensors
-    (see :data:`ACTIVATION_POINTS`); ``head_input`` is the (B, D) input of the classifier head.
+    (see :data:`ACTIVATION_POINTS`); ``head_input`` is the (B, D) input of the classifier head
+    and ``head_dist_input`` that of the distillation head of a distilled DeiT.
     """
 
     depth: int
@@ -86,6 +87,7 @@ class Capture:
     attention_grad: list[torch.Tensor | None] = field(default_factory=list)
     activations: list[dict[str, torch.Tensor]] = field(default_factory=list)
     head_input: torch.Tensor | None = None
+    head_dist_input: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.attention = [None] * self.depth
@@ -220,9 +222,14 @@ class ViTAdapter(ModelAdapter):
                             handles.append(module.register_forward_hook(
                                 on_point(i, name, "output")))
             if activations:
-                def on_head(_m, inp, _out):
-                    cap.head_input = inp[0]
-                handles.append(self.model.get_classifier().register_forward_hook(on_head))
+                def on_head(attr: str):
+                    def hook(_m, inp, _out):
+                        setattr(cap, attr, inp[0])
+                    return hook
+                handles.append(self.model.head.register_forward_hook(on_head("head_input")))
+                if self.distilled:
+                    handles.append(self.model.head_dist.register_forward_hook(
+                        on_head("head_dist_input")))
             yield cap
         finally:
             for h in handles:
