@@ -203,6 +203,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from vitxai.report.html import write_report
+
+    for path in write_report(args.run_dir):
+        print(path)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from vitxai.methods import METHODS
 
@@ -314,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default="explanations", help="output folder")
     e.set_defaults(func=cmd_explain)
+
+    r = sub.add_parser("report", help="write report.html (self-contained) and report.md of a run")
+    r.add_argument("run_dir", help="a run directory written by `vitxai compare`")
+    r.set_defaults(func=cmd_report)
 
     m = sub.add_parser("methods", help="list every method with its parameters and paper")
     m.set_defaults(func=cmd_methods)

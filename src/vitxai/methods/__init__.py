@@ -1,6 +1,13 @@
 """Attribution methods: importing this package fills the registry."""
 
-from vitxai.methods import attention, gradient, lrp, perturbation  # noqa: F401  (registration)
+from vitxai.methods import (  # noqa: F401  (registration)
+    abslrp,
+    attention,
+    attnlrp,
+    gradient,
+    lrp,
+    perturbation,
+)
 from vitxai.methods.base import (
     METHODS,
     Attribution,

@@ -1,20 +1,26 @@
-"""Gradient methods: Integrated Gradients and GradientSHAP on one batched gradient kernel.
+"""Gradient methods on one batched gradient kernel.
 
-Both evaluate ∂y_c/∂x at many points per image. :func:`input_gradients` streams all points of
-a batch through the model in chunks of ``internal_batch_size`` (parameters frozen, so backward
-only reaches the input). We do not call captum here: its GradientShap draws one random stream
-for the whole batch (a batch then differs from its images one by one) and its IG cannot share
-the kernel; captum's IG is used in the tests as the reference.
+Saliency, Input×Gradient, Integrated Gradients (also with the IDSDS uniform baseline, "IG-U"),
+SmoothGrad over IxG or IG, and GradientSHAP all evaluate ∂y_c/∂x at one or many points per
+image. :func:`input_gradients` streams all points of a batch through the model in chunks of
+``internal_batch_size`` (parameters frozen, so backward only reaches the input), and
+:func:`path_gradient_sum` lays the points out. We do not call captum here: its GradientShap and
+NoiseTunnel draw one random stream for the whole batch (a batch then differs from its images one
+by one) and its methods cannot share the kernel; captum is used in the tests as the reference.
 
 Maps: ``maps`` is the channel sum (B, H, W), which keeps IG's completeness; ``channels`` holds
 the (B, 3, H, W) attribution so that the unified mask can clip before the channel mean.
+
+Gradients are taken with respect to the [0, 1] pixels. Since x_norm = (x − μ)/σ per channel,
+∂y/∂x_norm = σ·∂y/∂x: methods of the form (x − x′) ⊙ ∂y/∂x (IG, GradientSHAP) are the same in
+both spaces, while Input×Gradient and saliency are not (see their ``space`` notes).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,7 +28,27 @@ import torch
 from vitxai.methods.base import Attribution, BatchContext, Cost, check_range, register_method
 from vitxai.models.adapter import ModelAdapter
 
-Baseline = Literal["mean", "black", "white", "uniform"] | float
+Baseline = Literal["mean", "black", "white", "uniform", "uniform_normalized"] | float
+BASELINES: tuple[str, ...] = ("mean", "black", "white", "uniform", "uniform_normalized")
+Space = Literal["normalized", "pixel"]
+SPACES: tuple[str, ...] = ("normalized", "pixel")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"parameter {name}={value!r} is not one of {', '.join(map(repr, choices))}"
+        )
+
+
+def check_baseline(name: str, value: Any) -> None:
+    """Raise a one-line ValueError unless ``value`` is a :data:`Baseline`."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number and value not in BASELINES:
+        raise ValueError(
+            f"parameter {name}={value!r} must be one of {', '.join(map(repr, BASELINES))} "
+            "or a number"
+        )
 
 
 def make_baseline(adapter: ModelAdapter, images: torch.Tensor, baseline: Baseline,
@@ -30,9 +56,14 @@ def make_baseline(adapter: ModelAdapter, images: torch.Tensor, baseline: Baselin
     """A (B, 3, H, W) baseline in pixel space.
 
     "mean": the model's mean colour, i.e. zero of the normalised input (captum's default zero
-    baseline on normalised tensors, used by the original comparison); "black"; "white";
-    "uniform": U(0, 1) noise drawn per image from its own generator; a float: that grey level.
+    baseline on normalised tensors, used by the original comparison, and IDSDS's "zeros");
+    "black"; "white"; "uniform": U(0, 1) pixel noise drawn per image from its own generator;
+    "uniform_normalized": U(−1, 1) noise in *normalised* units (IDSDS's IG-U and RISE-U
+    baseline), i.e. μ + σ·u in pixels, drawn per image from its own generator (IDSDS draws one
+    for the whole run; ours depends only on the seed and the image id); a float: that grey
+    level. Random baselines are drawn from ``context.generator(i, purpose)``.
     """
+    check_baseline("baseline", baseline)
     if isinstance(baseline, int | float):
         return torch.full_like(images, float(baseline))
     if baseline == "mean":
@@ -46,9 +77,13 @@ def make_baseline(adapter: ModelAdapter, images: torch.Tensor, baseline: Baselin
             torch.rand(images.shape[1:], generator=context.generator(i, purpose))
             for i in range(images.shape[0])
         ]).to(images)
-    raise ValueError(
-        f"baseline must be 'mean', 'black', 'white', 'uniform' or a number, got {baseline!r}"
-    )
+    # "uniform_normalized", the only name left after check_baseline
+    u = torch.stack([
+        2 * torch.rand(images.shape[1:], generator=context.generator(i, purpose),
+                       dtype=torch.float64) - 1
+        for i in range(images.shape[0])
+    ]).to(images)
+    return adapter.mean + adapter.std * u
 
 
 def input_gradients(adapter: ModelAdapter, points: Iterator[torch.Tensor],
@@ -107,11 +142,30 @@ def path_gradient_sum(adapter: ModelAdapter, images: torch.Tensor, targets: torc
     return grads.reshape(b, k, *shape) * weights.to(grads).view(b, k, 1, 1, 1)
 
 
+def gradients_at(adapter: ModelAdapter, targets: torch.Tensor, points: torch.Tensor,
+                 internal_batch_size: int) -> torch.Tensor:
+    """∂y_t/∂x at given points: (B, K, 3, H, W) points → (B, K, 3, H, W) gradients.
+
+    :func:`path_gradient_sum` with both path ends at the points (α = 0, w = 1), so saliency,
+    Input×Gradient and SmoothGrad stream through the same chunked kernel as IG.
+    """
+    b, k = points.shape[:2]
+    zeros = torch.zeros(b, k, dtype=points.dtype)
+    return path_gradient_sum(adapter, points[:, 0], targets, points, points, zeros,
+                             torch.ones_like(zeros), internal_batch_size)
+
+
 def pixel_attribution(name: str, channels: torch.Tensor, targets: torch.Tensor, cost: Cost
                       ) -> Attribution:
     """Wrap a (B, 3, H, W) attribution: maps = channel sum, native = maps."""
     maps = channels.sum(dim=1)
     return Attribution(name, maps, maps, "pixel", targets, cost, channels=channels)
+
+
+# The generator purpose of IG's baseline. IG-U and SmoothGrad over IG draw theirs under the same
+# name, so that IG-U equals IG(baseline="uniform_normalized") and SmoothGrad with σ = 0 equals
+# IG for every baseline, random ones included.
+IG_BASELINE = "ig_baseline"
 
 
 @dataclass(frozen=True)
@@ -132,12 +186,17 @@ class IntegratedGradientsParams:
     internal_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        check_range("steps", self.steps, 1, None)
-        check_range("internal_batch_size", self.internal_batch_size, 1, None)
-        if self.method not in _QUADRATURES:
-            raise ValueError(
-                f"parameter method={self.method!r} must be one of {', '.join(_QUADRATURES)}"
-            )
+        _check_ig(self.steps, self.method, self.internal_batch_size)
+        check_baseline("baseline", self.baseline)
+
+
+def _check_ig(steps: int, method: str, internal_batch_size: int) -> None:
+    check_range("steps", steps, 1, None)
+    check_range("internal_batch_size", internal_batch_size, 1, None)
+    if method not in _QUADRATURES:
+        raise ValueError(
+            f"parameter method={method!r} must be one of {', '.join(_QUADRATURES)}"
+        )
 
 
 def _gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -178,15 +237,65 @@ _QUADRATURES: dict[str, Callable[[int], tuple[np.ndarray, np.ndarray]]] = {
 )
 def integrated_gradients(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
                          p: IntegratedGradientsParams, context: BatchContext) -> Attribution:
-    base = make_baseline(adapter, images, p.baseline, context, "ig_baseline")
-    alpha, weight = _QUADRATURES[p.method](p.steps)
+    base = make_baseline(adapter, images, p.baseline, context, IG_BASELINE)
+    channels = ig_channels(adapter, images, targets, base, p.steps, p.method,
+                           p.internal_batch_size)
+    return pixel_attribution("integrated_gradients", channels, targets,
+                             Cost(forward=p.steps, backward=p.steps))
+
+
+def ig_channels(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
+                base: torch.Tensor, steps: int, method: str, internal_batch_size: int
+                ) -> torch.Tensor:
+    """(B, 3, H, W) IG attribution (x − x′) ⊙ Σ_k w_k ∇y(x′ + α_k(x − x′))."""
+    alpha, weight = _QUADRATURES[method](steps)
     b = images.shape[0]
     alphas = torch.as_tensor(alpha, dtype=images.dtype).expand(b, -1)
     weights = torch.as_tensor(weight, dtype=images.dtype).expand(b, -1)
     grads = path_gradient_sum(adapter, images, targets, base[:, None], images[:, None],
-                              alphas, weights, p.internal_batch_size)
-    channels = (images - base) * grads.sum(dim=1)
-    return pixel_attribution("integrated_gradients", channels, targets,
+                              alphas, weights, internal_batch_size)
+    return (images - base) * grads.sum(dim=1)
+
+
+@dataclass(frozen=True)
+class IntegratedGradientsUniformParams:
+    """IG-U: Integrated Gradients from a U(−1, 1) baseline in normalised units (IDSDS).
+
+    The baseline is ``make_baseline(..., "uniform_normalized", ...)`` drawn per image from its
+    generator, so this method equals ``integrated_gradients`` with
+    ``baseline="uniform_normalized"``; it is registered separately because IDSDS reports it as
+    a method of its own (the best one on ViT-B/16).
+
+    Attributes:
+        steps: number of path points, ≥ 1 (IDSDS: 50 Gauss–Legendre).
+        method: quadrature rule, as for :class:`IntegratedGradientsParams`.
+        internal_batch_size: path points per model call, ≥ 1.
+    """
+
+    steps: int = 50
+    method: str = "gausslegendre"
+    internal_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_ig(self.steps, self.method, self.internal_batch_size)
+
+
+@register_method(
+    "integrated_gradients_uniform",
+    params=IntegratedGradientsUniformParams,
+    family="gradient",
+    aliases=("IG-U", "IntegratedGradientsUniform"),
+    paper="Sundararajan, Taly & Yan 2017, ICML; uniform baseline as in Hesse et al. 2024, "
+          "'Benchmarking the Attribution Quality of Vision Models' (IDSDS), NeurIPS D&B",
+    summary="Integrated Gradients from a per-image U(−1, 1) baseline in normalised units.",
+)
+def integrated_gradients_uniform(adapter: ModelAdapter, images: torch.Tensor,
+                                 targets: torch.Tensor, p: IntegratedGradientsUniformParams,
+                                 context: BatchContext) -> Attribution:
+    base = make_baseline(adapter, images, "uniform_normalized", context, IG_BASELINE)
+    channels = ig_channels(adapter, images, targets, base, p.steps, p.method,
+                           p.internal_batch_size)
+    return pixel_attribution("integrated_gradients_uniform", channels, targets,
                              Cost(forward=p.steps, backward=p.steps))
 
 
@@ -216,6 +325,8 @@ class GradientShapParams:
         check_range("internal_batch_size", self.internal_batch_size, 1, None)
         if not self.baselines:
             raise ValueError("parameter baselines must name at least one baseline")
+        for b in self.baselines:
+            check_baseline("baselines", b)
 
 
 @register_method(
@@ -250,3 +361,182 @@ def gradient_shap(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Te
     channels = ((noisy - picked) * grads).sum(dim=1)
     return pixel_attribution("gradient_shap", channels, targets,
                              Cost(forward=n, backward=n))
+
+
+# --------------------------------------------------------------------------------------------
+# Saliency, Input×Gradient and SmoothGrad
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SaliencyParams:
+    """Gradient saliency (Simonyan, Vedaldi & Zisserman 2014).
+
+    Attributes:
+        internal_batch_size: images per model call, ≥ 1.
+    """
+
+    internal_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        check_range("internal_batch_size", self.internal_batch_size, 1, None)
+
+
+@register_method(
+    "saliency",
+    params=SaliencyParams,
+    family="gradient",
+    aliases=("Saliency", "vanilla_gradient"),
+    paper="Simonyan, Vedaldi & Zisserman 2014, 'Deep Inside Convolutional Networks: "
+          "Visualising Image Classification Models and Saliency Maps', ICLR workshop",
+    summary="|∂y/∂x| of the target logit per pixel and channel (non-negative).",
+)
+def saliency(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
+             p: SaliencyParams, context: BatchContext) -> Attribution:
+    """``channels`` = |∂y_c/∂x| (B, 3, H, W) w.r.t. the [0, 1] pixels, all ≥ 0.
+
+    ``maps`` is their channel sum, as for every pixel method here (the unified mask reduces
+    ``channels`` itself); the paper's map is the channel *maximum*, ``channels.amax(1)``. With
+    respect to the normalised input, channel c would be scaled by σ_c.
+    """
+    grads = gradients_at(adapter, targets, images[:, None], p.internal_batch_size)[:, 0]
+    return pixel_attribution("saliency", grads.abs(), targets, Cost(forward=1, backward=1))
+
+
+def ixg_channels(adapter: ModelAdapter, points: torch.Tensor, grads: torch.Tensor,
+                 space: Space) -> torch.Tensor:
+    """Input×Gradient from pixel points and their pixel gradients (same shapes).
+
+    "normalized": x_norm ⊙ ∂y/∂x_norm = ((x − μ)/σ) ⊙ (σ ∂y/∂x) = (x − μ) ⊙ ∂y/∂x, captum's
+    InputXGradient on the normalised tensor, which the literature (and IDSDS) computes;
+    "pixel": x ⊙ ∂y/∂x on [0, 1] pixels. The two differ by μ ⊙ ∂y/∂x: unlike IG, IxG has an
+    implicit baseline (the space's zero), so it is not invariant to the normalisation.
+    """
+    if space == "normalized":
+        return (points - adapter.mean) * grads
+    return points * grads
+
+
+@dataclass(frozen=True)
+class InputXGradientParams:
+    """Input×Gradient (Shrikumar et al. 2016).
+
+    Attributes:
+        space: "normalized" (default; x_norm ⊙ ∂y/∂x_norm as captum and IDSDS) or "pixel"
+            (x ⊙ ∂y/∂x on [0, 1] pixels), see :func:`ixg_channels`.
+        internal_batch_size: images per model call, ≥ 1.
+    """
+
+    space: Space = "normalized"
+    internal_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_choice("space", self.space, SPACES)
+        check_range("internal_batch_size", self.internal_batch_size, 1, None)
+
+
+@register_method(
+    "input_x_gradient",
+    params=InputXGradientParams,
+    family="gradient",
+    aliases=("IxG", "InputXGradient"),
+    paper="Shrikumar et al. 2016, 'Not Just a Black Box: Learning Important Features "
+          "Through Propagating Activation Differences', arXiv:1605.01713",
+    summary="Input ⊙ ∂y/∂input of the target logit, by default on the normalised input.",
+)
+def input_x_gradient(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
+                     p: InputXGradientParams, context: BatchContext) -> Attribution:
+    grads = gradients_at(adapter, targets, images[:, None], p.internal_batch_size)[:, 0]
+    return pixel_attribution("input_x_gradient", ixg_channels(adapter, images, grads, p.space),
+                             targets, Cost(forward=1, backward=1))
+
+
+SmoothGradBase = Literal["ixg", "ig"]
+Transform = Literal["none", "abs", "squared"]
+_TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda a: a,
+    "abs": torch.abs,
+    "squared": torch.square,
+}
+
+
+@dataclass(frozen=True)
+class SmoothGradParams:
+    """SmoothGrad (Smilkov et al. 2017) over Input×Gradient or Integrated Gradients.
+
+    For each of ``n_samples`` draws, Gaussian noise of standard deviation ``stdev`` in
+    *normalised* units (σ_pixel = stdev·σ_c per channel) is added to the image, the base method
+    is applied to the noisy image, ``transform`` is applied per sample and channel, and the
+    results are averaged (captum's NoiseTunnel: "smoothgrad", "smoothgrad_sq" = "squared").
+    IDSDS's IxG-SG / IG-SG: 4 samples, σ = 1.0 absolute (evaluation.md §2).
+
+    Attributes:
+        base: "ixg" (Input×Gradient) or "ig" (Integrated Gradients).
+        n_samples: noisy copies per image, ≥ 1.
+        stdev: noise standard deviation in normalised units, ≥ 0 (absolute, not relative to
+            the image's range; 0 gives the base method).
+        transform: "none", "abs" (mean of |a|) or "squared" (SmoothGrad-Squared, mean of a²).
+        space: the Input×Gradient space ("ixg" base only), see :class:`InputXGradientParams`.
+        steps: Gauss–Legendre points per IG ("ig" base only), ≥ 1.
+        baseline: the IG baseline ("ig" base only; fixed while the input is noised, as in
+            captum), names as in :func:`make_baseline`.
+        internal_batch_size: points per model call, ≥ 1.
+    """
+
+    base: SmoothGradBase = "ixg"
+    n_samples: int = 4
+    stdev: float = 1.0
+    transform: Transform = "none"
+    space: Space = "normalized"
+    steps: int = 50
+    baseline: Baseline = "mean"
+    internal_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_choice("base", self.base, ("ixg", "ig"))
+        check_range("n_samples", self.n_samples, 1, None)
+        check_range("stdev", self.stdev, 0.0, None)
+        _check_choice("transform", self.transform, tuple(_TRANSFORMS))
+        _check_choice("space", self.space, SPACES)
+        check_range("steps", self.steps, 1, None)
+        check_baseline("baseline", self.baseline)
+        check_range("internal_batch_size", self.internal_batch_size, 1, None)
+
+
+@register_method(
+    "smoothgrad",
+    params=SmoothGradParams,
+    family="gradient",
+    aliases=("SmoothGrad", "SG", "NoiseTunnel"),
+    paper="Smilkov et al. 2017, 'SmoothGrad: removing noise by adding noise', "
+          "ICML workshop (arXiv:1706.03825)",
+    summary="Mean of IxG or IG over Gaussian-noised copies of the image (optionally |·| or ²).",
+)
+def smoothgrad(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
+               p: SmoothGradParams, context: BatchContext) -> Attribution:
+    """Noise comes from ``context.generator(i, "smoothgrad")``; the IG baseline is drawn as by
+    ``integrated_gradients`` (same generator purpose), so σ = 0 reproduces the base method."""
+    b, n = images.shape[0], p.n_samples
+    noise = torch.stack([
+        torch.randn(n, *images.shape[1:], generator=context.generator(i, "smoothgrad"),
+                    dtype=torch.float64)
+        for i in range(b)
+    ]).to(images)
+    # stdev is in normalised units: one normalised unit is σ_c pixel units in channel c
+    noisy = images[:, None] + p.stdev * adapter.std[:, None] * noise  # (B, n, 3, H, W)
+    transform = _TRANSFORMS[p.transform]
+    if p.base == "ixg":
+        grads = gradients_at(adapter, targets, noisy, p.internal_batch_size)
+        channels = transform(ixg_channels(adapter, noisy, grads, p.space)).mean(dim=1)
+        passes = n
+    else:
+        base = make_baseline(adapter, images, p.baseline, context, IG_BASELINE)
+        # one IG per noisy copy keeps memory at one IG's (B·steps gradients), not n times it
+        channels = torch.stack([
+            transform(ig_channels(adapter, noisy[:, k], targets, base, p.steps,
+                                  "gausslegendre", p.internal_batch_size))
+            for k in range(n)
+        ]).mean(dim=0)
+        passes = n * p.steps
+    return pixel_attribution("smoothgrad", channels, targets,
+                             Cost(forward=passes, backward=passes))

@@ -1,0 +1,477 @@
+"""absLRP and contrastive relevance for timm ViTs (Vukadin et al., ACM TIST 2024).
+
+"Advancing Attribution-Based Neural Network Explainability through Relative Absolute Magnitude
+Layer-Wise Relevance Propagation and Multi-Component Evaluation", doi 10.1145/3649458. The
+paper-era rule of methods.md §7, applied explicitly and batched to activations that one
+forward pass of an *unmodified* model records with forward hooks (as in :mod:`.lrp`): no
+forward is patched and no twin module is built.
+
+Every layer y = f(x) has an "absolute twin" y_abs (the same operation on magnitudes). With
+s = R/|y| (sign(0) = +1, |y| := 1e-9 where y = 0) and s± its positive/negative parts,
+
+    G± = x ⊙ Jᵀ_{y + y_abs} s±,     R_in = P⁺·N1(G⁺) + |P⁻|·N1(G⁻),
+
+where P± are the per-sample sums of the positive/negative parts of R and N1(v) = v / Σ|v| per
+sample. Each rule below writes x ⊙ Jᵀ_{y+y_abs} in closed form:
+
+- Linear / patch conv, y = xWᵀ + b: G_i = Σ_j 2(x_i w_ji)⁺ s_j (the bias gets nothing).
+- Product y = a·b (q·kᵀ·scale, A·V): G_a,ik = Σ_j 2(a_ik b_kj)⁺ s_ij, likewise for b.
+- Residual add y = a + b: G_a = 2a⁺ ⊙ s.
+- LayerScale y = γ ⊙ x: G = 2(γx)⁺ ⊙ s.
+- LayerNorm, twin |(x−μ)/σ|·|γ| + |β| with μ, σ detached: G = x ⊙ (γ + |γ| sgn((x−μ)/σ))/σ ⊙ s.
+- Softmax, twin y_abs = y with the max and the denominator detached: G = 2 x ⊙ y ⊙ s ∝ x ⊙ R.
+- Elementwise activation (GELU), twin |f(x)|: the one rule done by local autograd, so that the
+  derivative of whichever activation the block uses is exact.
+
+Two-input operations split P⁺ (P⁻) between their inputs in proportion to each input's ΣG⁺ (ΣG⁻).
+The linear, product, add, LayerScale and activation rules have sign-definite G⁺ ≥ 0 ≥ G⁻, so they
+conserve the positive and the negative mass separately; LayerNorm and softmax multiply by the
+signed input x, so there only each stream's L1 mass is kept (as in the reference code).
+
+Deviation from the reference code: N1 and the split ratios divide exactly (0 for an all-zero
+vector) instead of adding 1e-9, which would shrink small masses. The repository-HEAD
+compatibility mode (methods.md §7) is not implemented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitxai.methods.base import Attribution, BatchContext, Cost, register_method
+from vitxai.methods.gradient import pixel_attribution
+from vitxai.models.adapter import Capture, ModelAdapter, ViTAdapter
+
+_ZERO_OUTPUT = 1e-9  # |y| used where y == 0 (the paper's stabiliser)
+
+Contribution = tuple[torch.Tensor, torch.Tensor]  # (G⁺, G⁻) of one input
+
+
+# --- per-sample helpers -----------------------------------------------------------------------
+
+def _sample_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over every axis but the batch, shaped to broadcast against ``t``."""
+    return t.reshape(t.shape[0], -1).sum(dim=1).reshape(-1, *([1] * (t.ndim - 1)))
+
+
+def _exact_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a / b, and 0 where b == 0 (only then is a also 0 here)."""
+    return a / torch.where(b == 0, torch.ones_like(b), b)
+
+
+def n1(v: torch.Tensor) -> torch.Tensor:
+    """N1(v) = v / Σ|v| per sample; an all-zero sample stays zero."""
+    return _exact_divide(v, _sample_sum(v.abs()))
+
+
+def _scaled(relevance: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """s = R / |y|, with |y| := 1e-9 where y == 0."""
+    return relevance / torch.where(y == 0, torch.full_like(y, _ZERO_OUTPUT), y.abs())
+
+
+def share(relevance: torch.Tensor, contributions: Sequence[Contribution]) -> list[torch.Tensor]:
+    """Redistribute R over one or more inputs from their (G⁺, G⁻).
+
+    Input i receives P⁺·ρ⁺_i·N1(G⁺_i) + |P⁻|·ρ⁻_i·N1(G⁻_i) with ρ±_i = ΣG±_i / Σ_k ΣG±_k, so a
+    single input gets R_in = P⁺·N1(G⁺) + |P⁻|·N1(G⁻). Shapes of the inputs may differ; every
+    sum is per sample.
+    """
+    p_pos = _sample_sum(relevance.clamp(min=0)).flatten()
+    p_neg = _sample_sum(relevance.clamp(max=0)).flatten().abs()
+
+    def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, *([1] * (like.ndim - 1)))
+
+    if len(contributions) == 1:
+        ratios = [(torch.ones_like(p_pos), torch.ones_like(p_neg))]
+    else:
+        pos_sums = [_sample_sum(g_pos).flatten() for g_pos, _ in contributions]
+        neg_sums = [_sample_sum(g_neg).flatten() for _, g_neg in contributions]
+        pos_total, neg_total = sum(pos_sums), sum(neg_sums)
+        ratios = [(_exact_divide(ps, pos_total), _exact_divide(ns, neg_total))
+                  for ps, ns in zip(pos_sums, neg_sums, strict=True)]
+    return [
+        per_sample(p_pos * rp, g_pos) * n1(g_pos) + per_sample(p_neg * rn, g_neg) * n1(g_neg)
+        for (g_pos, g_neg), (rp, rn) in zip(contributions, ratios, strict=True)
+    ]
+
+
+def _split_by_sign(make: Callable[[torch.Tensor], torch.Tensor], s: torch.Tensor
+                   ) -> Contribution:
+    """(G⁺, G⁻) = (make(s⁺), make(s⁻)): each input's contribution is linear in s."""
+    return make(s.clamp(min=0)), make(s.clamp(max=0))
+
+
+def _positive_product(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """a ⊙ Jᵀ_{y+y_abs} s for y = a @ b, y_abs = |a| @ |b|: Σ_j 2(a_ik b_kj)⁺ s_ij.
+
+    (ab)⁺ = a⁺b⁺ + a⁻b⁻ turns the sum into two matrix products.
+    """
+    b_pos, b_neg = b.clamp(min=0), b.clamp(max=0)
+    return 2 * (a.clamp(min=0) * (s @ b_pos.transpose(-2, -1))
+                + a.clamp(max=0) * (s @ b_neg.transpose(-2, -1)))
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+def linear_rule(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                relevance: torch.Tensor) -> torch.Tensor:
+    """y = x Wᵀ + b: x (B, ..., in), W (out, in), R (B, ..., out) → R_in (B, ..., in).
+
+    G_i = Σ_j 2(x_i w_ji)⁺ s_j with s = R/|y|; the bias enters |y| only.
+    """
+    weight = weight.to(x.dtype)
+    y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    wt = weight.T
+    return share(relevance, [_split_by_sign(lambda s: _positive_product(x, wt, s),
+                                            _scaled(relevance, y))])[0]
+
+
+def matmul_rule(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = a @ b (batched, twin |a| @ |b|): R (…, n, m) → (R_a (…, n, k), R_b (…, k, m)).
+
+    Used for q·kᵀ (a = q·scale, b = kᵀ; the positive scale factors out of x ⊙ J) and for A·V.
+    """
+    s = _scaled(relevance, a @ b)
+    at, bt = a.transpose(-2, -1), b.transpose(-2, -1)
+    g_a = _split_by_sign(lambda t: _positive_product(a, b, t), s)
+    g_b = _split_by_sign(lambda t: _positive_product(bt, at, t.transpose(-2, -1))
+                         .transpose(-2, -1), s)
+    r_a, r_b = share(relevance, [g_a, g_b])
+    return r_a, r_b
+
+
+def add_rule(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = a + b (twin |a| + |b|): G_a = 2a⁺ ⊙ s; ``b`` may broadcast against ``a``."""
+    b = b.expand_as(a)
+    s = _scaled(relevance, a + b)
+    r_a, r_b = share(relevance, [_split_by_sign(lambda t: 2 * a.clamp(min=0) * t, s),
+                                 _split_by_sign(lambda t: 2 * b.clamp(min=0) * t, s)])
+    return r_a, r_b
+
+
+def scale_rule(x: torch.Tensor, gamma: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """LayerScale y = γ ⊙ x (twin |γ||x|): G = 2(γx)⁺ ⊙ s."""
+    y = x * gamma.to(x.dtype)
+    return share(relevance, [_split_by_sign(lambda t: 2 * y.clamp(min=0) * t,
+                                            _scaled(relevance, y))])[0]
+
+
+def layernorm_rule(x: torch.Tensor, norm: nn.LayerNorm, relevance: torch.Tensor
+                   ) -> torch.Tensor:
+    """LayerNorm over the last axis, twin |(x−μ)/σ|·|γ| + |β| with μ and σ detached.
+
+    ∂(y + y_abs)/∂x = (γ + |γ|·sgn((x−μ)/σ))/σ, so G = x ⊙ that ⊙ s. G is not sign-definite
+    (x, not x − μ, multiplies it), so only each stream's L1 mass is kept.
+    """
+    d = x.shape[-1]
+    gamma = torch.ones(d, dtype=x.dtype, device=x.device) if norm.weight is None \
+        else norm.weight.to(x.dtype)
+    beta = None if norm.bias is None else norm.bias.to(x.dtype)
+    y = F.layer_norm(x, (d,), gamma, beta, norm.eps)
+    mu = x.mean(dim=-1, keepdim=True)
+    sigma = (x.var(dim=-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
+    slope = x * (gamma + gamma.abs() * torch.sign(x - mu)) / sigma
+    return share(relevance, [_split_by_sign(lambda t: slope * t, _scaled(relevance, y))])[0]
+
+
+def softmax_rule(x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis, twin y_abs = y with max and denominator detached.
+
+    ∂(y + y_abs)/∂x = diag(2y), so G± = 2 x ⊙ y ⊙ s± = 2 x ⊙ R± (where y > 0): R_in ∝ x ⊙ R.
+    """
+    y = x.softmax(dim=-1)
+    slope = 2 * x * y
+    return share(relevance, [_split_by_sign(lambda t: slope * t, _scaled(relevance, y))])[0]
+
+
+def activation_rule(x: torch.Tensor, act: nn.Module, relevance: torch.Tensor) -> torch.Tensor:
+    """Elementwise activation y = f(x), twin |f(x)|: G = x ⊙ f′(x)(1 + sgn f(x)) ⊙ s.
+
+    Local autograd through ``act`` on the recorded input, so GELU, tanh-GELU or QuickGELU all
+    get their exact derivative.
+    """
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        y = act(xg)
+        twin_sum = y + y.abs()
+        s = _scaled(relevance, y.detach())
+        (j_pos,) = torch.autograd.grad(twin_sum, xg, s.clamp(min=0), retain_graph=True)
+        (j_neg,) = torch.autograd.grad(twin_sum, xg, s.clamp(max=0))
+    return share(relevance, [(x * j_pos, x * j_neg)])[0]
+
+
+def patch_conv_rule(images: torch.Tensor, conv: nn.Conv2d, relevance: torch.Tensor
+                    ) -> torch.Tensor:
+    """The patch embedding (kernel = stride = p, no padding) as a linear map on unfolded patches.
+
+    Args:
+        images: (B, 3, H, W) the model's normalised input.
+        relevance: (B, Np, D) relevance of the patch embeddings, patches row by row.
+
+    Returns:
+        (B, 3, H, W) relevance of the normalised input.
+    """
+    kernel = conv.kernel_size
+    cols = F.unfold(images, kernel, stride=kernel).transpose(1, 2)  # (B, Np, 3·p·p)
+    r_cols = linear_rule(cols, conv.weight.flatten(1), conv.bias, relevance)
+    return F.fold(r_cols.transpose(1, 2), images.shape[-2:], kernel, stride=kernel)
+
+
+# --- the pass through a timm ViT ------------------------------------------------------------
+
+def _method_error(adapter: ModelAdapter, what: str) -> ValueError:
+    return ValueError(
+        f"abslrp supports class-token timm ViTs with a linear head and standard blocks; "
+        f"{adapter.name!r} {what}"
+    )
+
+
+def _is(module: nn.Module | None, *names: str) -> bool:
+    return module is not None and type(module).__name__ in names
+
+
+def _check_supported(adapter: ModelAdapter) -> None:
+    """Raise a ValueError naming abslrp unless the whole relevance path has a rule."""
+    if not isinstance(adapter, ViTAdapter):
+        raise _method_error(adapter, "is not a timm VisionTransformer")
+    model = adapter.model
+    if getattr(model, "cls_token", None) is None or adapter.global_pool != "token" \
+            or adapter.distilled or getattr(model, "attn_pool", None) is not None:
+        raise _method_error(adapter, "does not read out a single class token")
+    if not isinstance(model.get_classifier(), nn.Linear) or not _is(model.fc_norm, "Identity"):
+        raise _method_error(adapter, "has no plain linear head on the class token")
+    for name in ("norm", "norm_pre"):
+        norm = getattr(model, name, None)
+        if not (_is(norm, "Identity") or isinstance(norm, nn.LayerNorm)):
+            raise _method_error(adapter, f"has a {type(norm).__name__} as {name}")
+    pe = model.patch_embed
+    conv = getattr(pe, "proj", None)
+    if not (isinstance(conv, nn.Conv2d) and conv.stride == conv.kernel_size
+            and conv.padding == (0, 0) and conv.dilation == (1, 1) and conv.groups == 1
+            and _is(pe.norm, "Identity") and getattr(pe, "flatten", False)
+            and not getattr(pe, "dynamic_img_pad", False)
+            and not getattr(model, "dynamic_img_size", False)):
+        raise _method_error(adapter, "has a non-standard patch embedding")
+    for i, blk in enumerate(adapter.blocks):
+        attn, mlp = blk.attn, getattr(blk, "mlp", None)
+        bad = [name for name in ("q_norm", "k_norm", "norm")
+               if not _is(getattr(attn, name, nn.Identity()), "Identity")]
+        if getattr(attn, "gate", None) is not None:
+            bad.append("gate")
+        if not _is(blk, "Block") or not _is(attn, "Attention"):
+            bad.append(f"{type(blk).__name__}/{type(attn).__name__}")
+        if not _is(mlp, "Mlp") or not _is(getattr(mlp, "norm", None), "Identity"):
+            bad.append("a non-standard MLP")
+        bad += [name for name in ("norm1", "norm2")
+                if not isinstance(getattr(blk, name), nn.LayerNorm)]
+        bad += [name for name in ("ls1", "ls2")
+                if not _is(getattr(blk, name), "Identity", "LayerScale")]
+        if bad:
+            raise _method_error(adapter, f"block {i} has {', '.join(bad)}")
+
+
+def stem_tokens(model: nn.Module, images: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rebuild timm's embedding stem: (prefix (B, P, D), patches (B, Np, D), pos_embed or None).
+
+    ``images`` are normalised. The block-0 input is norm_pre of cat(prefix, patches) + pos
+    (pos covers all N tokens) or of cat(prefix, patches + pos) with ``no_embed_class``.
+    """
+    conv = model.patch_embed.proj
+    patches = F.conv2d(images, conv.weight.to(images.dtype),
+                       None if conv.bias is None else conv.bias.to(images.dtype),
+                       stride=conv.stride).flatten(2).transpose(1, 2)
+    b = images.shape[0]
+    prefix = [t.to(images.dtype).expand(b, -1, -1)
+              for t in (model.cls_token, getattr(model, "reg_token", None)) if t is not None]
+    pos = model.pos_embed
+    return (torch.cat(prefix, dim=1), patches,
+            None if pos is None else pos.to(images.dtype))
+
+
+@dataclass
+class AbsLRPPass:
+    """One absLRP pass from a seed to the pixels.
+
+    Attributes:
+        pixels: (B, 3, H, W) relevance of the model's normalised input.
+        patch_tokens: (B, Np, D) relevance entering the patch conv (its output).
+        prefix_tokens: (B, P, D) relevance left on the class (and register) tokens, dropped.
+        pos_embed: (B, N or Np, D) relevance the position-embedding add gave to the embedding
+            itself, dropped; None for models without one.
+        block_input: per block l, (B, N, D) relevance of the block's input.
+    """
+
+    pixels: torch.Tensor
+    patch_tokens: torch.Tensor
+    prefix_tokens: torch.Tensor
+    pos_embed: torch.Tensor | None
+    block_input: list[torch.Tensor]
+
+
+def _block_rule(blk: nn.Module, act: dict[str, torch.Tensor], relevance: torch.Tensor
+                ) -> torch.Tensor:
+    """Relevance of a timm Block's input from that of its output (B, N, D)."""
+    mlp, attn = blk.mlp, blk.attn
+    # MLP residual: out = x1 + ls2(fc2(act(fc1(norm2(x1)))))
+    r_skip, r_branch = add_rule(act["x1"], act["b2"], relevance)
+    if _is(blk.ls2, "LayerScale"):
+        fc2_out = F.linear(act["g1"], mlp.fc2.weight.to(r_branch.dtype),
+                           None if mlp.fc2.bias is None else mlp.fc2.bias.to(r_branch.dtype))
+        r_branch = scale_rule(fc2_out, blk.ls2.gamma, r_branch)
+    r_branch = linear_rule(act["g1"], mlp.fc2.weight, mlp.fc2.bias, r_branch)
+    r_branch = activation_rule(act["f1"], mlp.act, r_branch)
+    r_branch = linear_rule(act["h2"], mlp.fc1.weight, mlp.fc1.bias, r_branch)
+    r_branch = layernorm_rule(act["x1"], blk.norm2, r_branch)
+    relevance = r_skip + r_branch  # the fork x1 → (shortcut, norm2) sums its relevances
+    # attention residual: x1 = x + ls1(proj(A·V))
+    r_skip, r_branch = add_rule(act["x"], act["b1"], relevance)
+    if _is(blk.ls1, "LayerScale"):
+        proj_out = F.linear(act["o"], attn.proj.weight.to(r_branch.dtype),
+                            None if attn.proj.bias is None
+                            else attn.proj.bias.to(r_branch.dtype))
+        r_branch = scale_rule(proj_out, blk.ls1.gamma, r_branch)
+    r_o = linear_rule(act["o"], attn.proj.weight, attn.proj.bias, r_branch)
+    b, n, _ = r_o.shape
+    h, d = attn.num_heads, attn.head_dim
+    q, k, v = act["qkv"].reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+    q = q * attn.scale
+    kt = k.transpose(-2, -1)
+    scores = q @ kt  # (B, h, N, N) pre-softmax, as timm's non-fused path computes it
+    r_attn, r_v = matmul_rule(scores.softmax(dim=-1), v, r_o.reshape(b, n, h, d).transpose(1, 2))
+    r_scores = softmax_rule(scores, r_attn)
+    r_q, r_kt = matmul_rule(q, kt, r_scores)
+    r_qkv = torch.stack([r_q, r_kt.transpose(-2, -1), r_v])  # (3, B, h, N, d)
+    r_qkv = r_qkv.permute(1, 3, 0, 2, 4).reshape(b, n, 3 * h * d)
+    r_branch = linear_rule(act["h1"], attn.qkv.weight, attn.qkv.bias, r_qkv)
+    r_branch = layernorm_rule(act["x"], blk.norm1, r_branch)
+    return r_skip + r_branch
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # half-precision models propagate in float32; float64 models stay exact for tests
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _propagate(adapter: ViTAdapter, cap: Capture, images: torch.Tensor, seed: torch.Tensor
+               ) -> AbsLRPPass:
+    model = adapter.model
+    dtype = images.dtype
+    acts = [{name: t.to(dtype) for name, t in a.items()} for a in cap.activations]
+    head = model.get_classifier()
+    head_in = cap.head_input.to(dtype)
+    r_cls = linear_rule(head_in, head.weight, head.bias, seed.to(dtype))
+    last = acts[-1]["x1"] + acts[-1]["b2"]  # final-norm input = last block's output
+    relevance = torch.zeros_like(last)
+    relevance[:, 0] = r_cls  # token pooling reads the class token only
+    if isinstance(model.norm, nn.LayerNorm):
+        relevance = layernorm_rule(last, model.norm, relevance)
+    block_input: list[torch.Tensor] = [relevance] * adapter.depth
+    for layer in range(adapter.depth - 1, -1, -1):
+        relevance = _block_rule(adapter.blocks[layer], acts[layer], relevance)
+        block_input[layer] = relevance
+    prefix, patches, pos = stem_tokens(model, images)
+    p = prefix.shape[1]
+    if isinstance(model.norm_pre, nn.LayerNorm):
+        if pos is None:
+            stem = torch.cat([prefix, patches], dim=1)
+        elif model.no_embed_class:
+            stem = torch.cat([prefix, patches + pos], dim=1)
+        else:
+            stem = torch.cat([prefix, patches], dim=1) + pos
+        relevance = layernorm_rule(stem, model.norm_pre, relevance)
+    r_pos = None
+    if pos is None:
+        r_prefix, r_patches = relevance[:, :p], relevance[:, p:]
+    elif model.no_embed_class:
+        r_prefix = relevance[:, :p]
+        r_patches, r_pos = add_rule(patches, pos, relevance[:, p:])
+    else:
+        r_tokens, r_pos = add_rule(torch.cat([prefix, patches], dim=1), pos, relevance)
+        r_prefix, r_patches = r_tokens[:, :p], r_tokens[:, p:]
+    pixels = patch_conv_rule(images, model.patch_embed.proj, r_patches)
+    return AbsLRPPass(pixels, r_patches, r_prefix, r_pos, block_input)
+
+
+@torch.no_grad()
+def relevance_pass(adapter: ViTAdapter, images: torch.Tensor, seeds: Sequence[torch.Tensor]
+                   ) -> list[AbsLRPPass]:
+    """One recorded forward, then one absLRP pass per seed.
+
+    Args:
+        adapter: a supported ViT (see :func:`_check_supported`).
+        images: (B, 3, H, W) unnormalised in [0, 1].
+        seeds: each (B, C), the relevance put on the logits (any sign).
+
+    Returns:
+        One :class:`AbsLRPPass` per seed; relevance is w.r.t. the model's normalised input.
+    """
+    _check_supported(adapter)
+    dtype = _work_dtype(adapter.dtype)
+    with adapter.capture(activations=True) as cap:
+        adapter.logits(images)
+    normalised = adapter.normalize(images).to(dtype)
+    return [_propagate(adapter, cap, normalised, seed) for seed in seeds]
+
+
+def contrastive_relevance(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """r = N1(positive) − N1(negative), then r / max|r| per sample (in [−1, 1]).
+
+    The max-normalisation divides by max|r| itself: no additive epsilon, which (at the
+    reference's 1e-9) leaves maps whose differences are ~1e-9 peaking far below 1. Only a
+    sample whose max|r| is below the smallest normal float (an all-zero map) stays at 0.
+    """
+    r = n1(positive) - n1(negative)
+    peak = r.reshape(r.shape[0], -1).abs().amax(dim=1)
+    peak = peak.clamp(min=torch.finfo(r.dtype).tiny).reshape(-1, *([1] * (r.ndim - 1)))
+    return r / peak
+
+
+@dataclass(frozen=True)
+class AbsLRPParams:
+    """absLRP (paper-era rule, methods.md §7).
+
+    Attributes:
+        contrastive: True (the paper's output): N1(absLRP(onehot(y))) − N1(absLRP(others)),
+            the second pass seeded 1/(C−1) on every class ≠ y, scaled to max|r| = 1 per image.
+            False: the raw single pass seeded with onehot(y), unnormalised (it sums to the
+            relevance that reached the pixels).
+    """
+
+    contrastive: bool = True
+
+
+@register_method(
+    "abslrp",
+    params=AbsLRPParams,
+    family="lrp",
+    vit_only=True,
+    aliases=("absLRP",),
+    paper="Vukadin, Afrić, Šilić & Delač 2024, 'Advancing Attribution-Based Neural Network "
+          "Explainability through Relative Absolute Magnitude Layer-Wise Relevance Propagation "
+          "and Multi-Component Evaluation', ACM TIST",
+    summary="LRP with |y|-relative absolute-twin rules, ± mass split separately; contrastive "
+            "target-vs-rest map in [−1, 1] (pixel-level, w.r.t. the normalised input).",
+)
+def abslrp(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor, p: AbsLRPParams,
+           context: BatchContext) -> Attribution:
+    """absLRP pixel relevance (B, 3, H, W); ``maps`` is its channel sum."""
+    _check_supported(adapter)
+    b, c = images.shape[0], adapter.num_classes
+    if p.contrastive and c < 2:
+        raise ValueError("abslrp with contrastive=True needs a model with at least 2 classes")
+    onehot = torch.zeros(b, c, dtype=_work_dtype(adapter.dtype), device=images.device)
+    onehot[torch.arange(b), targets.to(images.device)] = 1.0
+    seeds = [onehot, (1 - onehot) / (c - 1)] if p.contrastive else [onehot]
+    passes = relevance_pass(adapter, images, seeds)
+    channels = (contrastive_relevance(passes[0].pixels, passes[1].pixels) if p.contrastive
+                else passes[0].pixels)
+    return pixel_attribution("abslrp", channels, targets,
+                             Cost(forward=1, backward=len(seeds)))

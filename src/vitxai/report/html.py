@@ -1,0 +1,183 @@
+"""A self-contained HTML report (and its Markdown twin) of one run directory.
+
+The report reads only what the run wrote (config, rows, aggregates, figures, and
+``evaluation.json`` when ``vitxai evaluate`` ran); it computes nothing but bootstrap intervals
+of per-image columns. Figures are embedded as base64 PNG, so the HTML file can be mailed or
+archived alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from vitxai.store import METHOD_ROWS, read_rows
+
+#: per-image columns summarised per method, with the direction that is better
+METHOD_COLUMNS: dict[str, tuple[str, bool | None]] = {
+    "truth_iou": ("IoU with truth", True),
+    "truth_dice": ("Dice with truth", True),
+    "truth_coverage": ("mask on object", True),
+    "truth_recall": ("object found", True),
+    "truth_pointing": ("pointing game", True),
+    "truth_mass_inside": ("mass inside truth", True),
+    "other_mass_inside": ("mass on other object", False),
+    "mask_fraction": ("mask area", None),
+    "seconds_per_image": ("seconds / image", False),
+    "forward_passes": ("forward passes", None),
+    "backward_passes": ("backward passes", None),
+}
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def method_summary(root: Path, names: Sequence[str]) -> dict[str, dict[str, tuple]]:
+    """method → column → (mean, ci_low, ci_high, n) over images (bootstrap 95 %)."""
+    from vitxai.stats import bootstrap_ci
+
+    rows = read_rows(root, METHOD_ROWS, ("index", "method"))
+    out: dict[str, dict[str, tuple]] = {}
+    for name in names:
+        mine = [r for r in rows if r["method"] == name]
+        out[name] = {}
+        for column in METHOD_COLUMNS:
+            if not mine or column not in mine[0]:
+                continue
+            values = np.array([float(r[column]) for r in mine], dtype=float)
+            mean, low, high = bootstrap_ci(values, seed=0)
+            out[name][column] = (mean, low, high, int(np.isfinite(values).sum()))
+    return out
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _sections(root: Path) -> list[tuple[str, str, list, list, list[Path]]]:
+    """(title, text, header, rows, figures) per report section."""
+    config = json.loads((root / "config.json").read_text())
+    aggregates = json.loads((root / "aggregates.json").read_text())
+    names = aggregates["methods"]
+    sub = aggregates["subsets"]["all"]
+    figures = root / "figures"
+    sections = []
+    notes = "; ".join(config.get("notes", []))
+    overview = [
+        ["model", str(config["model"]["name"])],
+        ["dataset", f"{config['dataset'].get('name')} ({config['dataset'].get('type')})"],
+        ["images", f"{sub['n_images']} ({aggregates['subsets']['correct']['n_images']} "
+                   "correctly classified)"],
+        ["skipped (unreadable)", str(len(aggregates.get("skipped", [])))],
+        ["methods", ", ".join(names)],
+        ["target", str(config["target"])],
+        ["seed", str(config["seed"])],
+        ["run time", f"{aggregates.get('seconds', float('nan')):.1f} s"],
+    ]
+    sections.append(("Overview", notes, ["", ""], overview, []))
+    samples = sorted(figures.glob("sample_*.png"))
+    sections.append(("Sample image", "Signed maps (top, red positive) and unified masks "
+                     "(bottom) of every method for one image.", [], [], samples))
+    summary = method_summary(root, names)
+    columns = [c for c in METHOD_COLUMNS if any(c in summary[n] for n in names)]
+    truth_cols = [c for c in columns if c.startswith(("truth_", "other_"))]
+    if truth_cols:
+        header = ["method"] + [METHOD_COLUMNS[c][0] for c in truth_cols]
+        rows = [[n] + [f"{_fmt(summary[n][c][0])} [{_fmt(summary[n][c][1])}, "
+                       f"{_fmt(summary[n][c][2])}]" for c in truth_cols] for n in names]
+        sections.append(("Agreement with the ground truth",
+                         "Means over images with bootstrap 95 % intervals. 'mask on object' = "
+                         "|M∩T|/|M|, 'object found' = |M∩T|/|T|; 'mass on other object' is "
+                         "the share of positive attribution on the other class's object "
+                         "(two-object split; lower is better).", header, rows, []))
+    heat = [figures / f"{m}_heatmap.png" for m in ("iou", "dice", "coverage")]
+    pair_rows = []
+    for metric in ("iou", "dice", "coverage"):
+        mean = sub["pairwise"][metric]["mean"]
+        for a, row in enumerate(mean):
+            for b, v in enumerate(row):
+                if a != b:
+                    pair_rows.append([metric, names[a], names[b], _fmt(v),
+                                      str(sub["pairwise"][metric]["n"][a][b])])
+    sections.append(("Agreement between methods",
+                     "Unified binary masks compared pairwise; pairs with an empty denominator "
+                     "are undefined and excluded (n = images counted).",
+                     ["metric", "A", "B", "mean", "n"], pair_rows,
+                     [h for h in heat if h.exists()]))
+    evaluation = root / "evaluation.json"
+    if evaluation.exists():
+        ev = json.loads(evaluation.read_text())
+        for title, table in ev.get("tables", {}).items():
+            sections.append((title, table.get("text", ""), table["header"], table["rows"],
+                             [root / f for f in table.get("figures", [])]))
+    cost_cols = [c for c in ("seconds_per_image", "forward_passes", "backward_passes")
+                 if c in columns]
+    sections.append(("Cost", "Model passes per image and wall seconds per image.",
+                     ["method"] + [METHOD_COLUMNS[c][0] for c in cost_cols],
+                     [[n] + [_fmt(summary[n][c][0], 2) for c in cost_cols] for n in names], []))
+    sections.append(("Configuration and versions", "",
+                     ["key", "value"],
+                     [[k, json.dumps(v, default=str)] for k, v in config.items()
+                      if k not in ("dataset",)], []))
+    return sections
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;
+padding:3px 8px;text-align:left;vertical-align:top}th{background:#f2f2f2}
+img{max-width:100%;margin:.5em 0;border:1px solid #eee}td{max-width:600px;word-break:break-all}
+"""
+
+
+def write_report(root: str | Path) -> tuple[Path, Path]:
+    """Write ``report.html`` (self-contained) and ``report.md`` into the run directory."""
+    root = Path(root)
+    for need in ("config.json", "aggregates.json"):
+        if not (root / need).exists():
+            raise FileNotFoundError(f"{root} is not a finished run directory (no {need}); "
+                                    "run `vitxai compare` first")
+    sections = _sections(root)
+    parts = [f"<!doctype html><meta charset='utf-8'><title>vitxai report: "
+             f"{html.escape(root.name)}</title><style>{_CSS}</style>",
+             f"<h1>vitxai report: {html.escape(root.name)}</h1>"]
+    md = [f"# vitxai report: {root.name}"]
+    for title, text, header, rows, figures in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        md.append(f"\n## {title}\n")
+        if text:
+            parts.append(f"<p>{html.escape(text)}</p>")
+            md.append(text + "\n")
+        if rows:
+            parts.append(_table(header, rows))
+            md.append(_md_table(header, rows))
+        for f in figures:
+            if f.exists():
+                parts.append(_image(f))
+                md.append(f"\n![{f.stem}]({f.relative_to(root)})")
+    html_path, md_path = root / "report.html", root / "report.md"
+    html_path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    return html_path, md_path
