@@ -25,8 +25,9 @@ sample. Each rule below writes x ⊙ Jᵀ_{y+y_abs} in closed form:
 
 Two-input operations split P⁺ (P⁻) between their inputs in proportion to each input's ΣG⁺ (ΣG⁻).
 The linear, product, add, LayerScale and activation rules have sign-definite G⁺ ≥ 0 ≥ G⁻, so they
-conserve the positive and the negative mass separately; LayerNorm and softmax multiply by the
-signed input x, so there only each stream's L1 mass is kept (as in the reference code).
+conserve the positive and the negative mass separately (whenever that stream's ΣG is non-zero);
+LayerNorm and softmax multiply by the signed input x, so there only each stream's L1 mass is kept
+(as in the reference code). On a random tiny ViT most of the lost net relevance goes at softmax.
 
 Deviation from the reference code: N1 and the split ratios divide exactly (0 for an all-zero
 vector) instead of adding 1e-9, which would shrink small masses. The repository-HEAD
@@ -78,7 +79,8 @@ def share(relevance: torch.Tensor, contributions: Sequence[Contribution]) -> lis
 
     Input i receives P⁺·ρ⁺_i·N1(G⁺_i) + |P⁻|·ρ⁻_i·N1(G⁻_i) with ρ±_i = ΣG±_i / Σ_k ΣG±_k, so a
     single input gets R_in = P⁺·N1(G⁺) + |P⁻|·N1(G⁻). Shapes of the inputs may differ; every
-    sum is per sample.
+    sum is per sample. A stream whose G vanishes on every input (e.g. all positive relevance on
+    LayerNorm units the twin gates off) has nowhere to go and is dropped, as in the paper.
     """
     p_pos = _sample_sum(relevance.clamp(min=0)).flatten()
     p_neg = _sample_sum(relevance.clamp(max=0)).flatten().abs()
@@ -362,6 +364,7 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _propagate(adapter: ViTAdapter, cap: Capture, images: torch.Tensor, seed: torch.Tensor
                ) -> AbsLRPPass:
+    """head → CLS → final norm → blocks in reverse → norm_pre → pos-embed add → patch conv."""
     model = adapter.model
     dtype = images.dtype
     acts = [{name: t.to(dtype) for name, t in a.items()} for a in cap.activations]
@@ -373,10 +376,10 @@ def _propagate(adapter: ViTAdapter, cap: Capture, images: torch.Tensor, seed: to
     relevance[:, 0] = r_cls  # token pooling reads the class token only
     if isinstance(model.norm, nn.LayerNorm):
         relevance = layernorm_rule(last, model.norm, relevance)
-    block_input: list[torch.Tensor] = [relevance] * adapter.depth
+    block_input: list[torch.Tensor] = []
     for layer in range(adapter.depth - 1, -1, -1):
         relevance = _block_rule(adapter.blocks[layer], acts[layer], relevance)
-        block_input[layer] = relevance
+        block_input.insert(0, relevance)
     prefix, patches, pos = stem_tokens(model, images)
     p = prefix.shape[1]
     if isinstance(model.norm_pre, nn.LayerNorm):

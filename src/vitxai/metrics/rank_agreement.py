@@ -6,19 +6,20 @@ the k features of largest |E| from most to least important; ``rank(E, i)`` is th
 1-based position of i in that list; ``sign(E, i) ∈ {−1, 0, +1}``. With
 S = top_k(E_a) ∩ top_k(E_b):
 
-=====================================  ==========================================  =======
-metric                                 definition                                  range
-=====================================  ==========================================  =======
-:func:`feature_agreement` FA           |S| / k                                     [0, 1]
-:func:`rank_agreement` RA              |{i ∈ S : same rank}| / k                   [0, 1]
-:func:`sign_agreement` SA              |{i ∈ S : same sign}| / k                   [0, 1]
-:func:`signed_rank_agreement` SRA      |{i ∈ S : same rank and same sign}| / k     [0, 1]
-:func:`rank_correlation` RC(F)         Spearman ρ of |E_a|, |E_b| on features F    [−1, 1]
-:func:`pairwise_rank_agreement` PRA(F) share of pairs in F ordered alike           [0, 1]
-=====================================  ==========================================  =======
+======================================  =======================================  =======
+metric                                  definition                               range
+======================================  =======================================  =======
+:func:`feature_agreement` FA            |S| / k                                  [0, 1]
+:func:`rank_agreement` RA               |{i ∈ S : same rank}| / k                [0, 1]
+:func:`sign_agreement` SA               |{i ∈ S : same sign}| / k                [0, 1]
+:func:`signed_rank_agreement` SRA       |{i ∈ S : same rank and same sign}| / k  [0, 1]
+:func:`rank_correlation` RC(F)          Spearman ρ of |E_a|, |E_b| on F          [−1, 1]
+:func:`pairwise_rank_agreement` PRA(F)  share of pairs of F ordered alike        [0, 1]
+======================================  =======================================  =======
 
-SRA ≤ RA ≤ FA and SRA ≤ SA ≤ FA; identical maps score 1 on every metric; E_b = −E_a gives
-FA = RA = 1 and SA = SRA = 0 (when the top-k entries are non-zero).
+SRA ≤ RA ≤ FA and SRA ≤ SA ≤ FA; identical maps score 1 on every metric (RC: unless
+constant, where ρ is undefined); E_b = −E_a gives FA = RA = 1 and SA = SRA = 0 (when the
+top-k entries are non-zero).
 
 Ties. Upsampled patch maps, rollout and superpixel methods have many equal |E|. The top-k
 list is made deterministic by a stable sort on −|E|: among equal magnitudes the smaller
@@ -42,7 +43,7 @@ References
 ----------
 .. [1] S. Krishna, T. Han, A. Gu, S. Wu, S. Jabbari, H. Lakkaraju, "The Disagreement
        Problem in Explainable Machine Learning: A Practitioner's Perspective",
-       arXiv:2202.01602, 2022; code: https://github.com/shahinjabbari/disagreement-problem
+       arXiv:2202.01602, 2022; code: https://github.com/AI4LIFE-GROUP/disagreement-problem
        and OpenXAI (``openxai/metrics.py``: ``pairwise_comp``, ``rankcorr``).
 """
 

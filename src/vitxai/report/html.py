@@ -113,20 +113,16 @@ def _sections(root: Path) -> list[tuple[str, str, list, list, list[Path]]]:
                          "|M∩T|/|M|, 'object found' = |M∩T|/|T|; 'mass on other object' is "
                          "the share of positive attribution on the other class's object "
                          "(two-object split; lower is better).", header, rows, []))
-    heat = [figures / f"{m}_heatmap.png" for m in ("iou", "dice", "coverage")]
-    pair_rows = []
-    for metric in ("iou", "dice", "coverage"):
-        mean = sub["pairwise"][metric]["mean"]
-        for a, row in enumerate(mean):
-            for b, v in enumerate(row):
-                if a != b:
-                    pair_rows.append([metric, names[a], names[b], _fmt(v),
-                                      str(sub["pairwise"][metric]["n"][a][b])])
-    sections.append(("Agreement between methods",
-                     "Unified binary masks compared pairwise; pairs with an empty denominator "
-                     "are undefined and excluded (n = images counted).",
-                     ["metric", "A", "B", "mean", "n"], pair_rows,
-                     [h for h in heat if h.exists()]))
+    for metric, label in (("iou", "IoU"), ("dice", "Dice"),
+                          ("coverage", "coverage |A∩B|/|A| (row = A)")):
+        m = sub["pairwise"][metric]
+        rows = [[a] + [f"{_fmt(v, 2)} (n={n})" for v, n in zip(row, counts, strict=True)]
+                for a, row, counts in zip(names, m["mean"], m["n"], strict=True)]
+        heat = figures / f"{metric}_heatmap.png"
+        sections.append((f"Agreement between methods: {label}",
+                         "Unified binary masks compared per image, then averaged; a pair with "
+                         "an empty denominator is undefined and excluded (n = images counted).",
+                         ["A \\ B", *names], rows, [heat] if heat.exists() else []))
     evaluation = root / "evaluation.json"
     if evaluation.exists():
         ev = json.loads(evaluation.read_text())
