@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_IMAGENET_MODEL = "vit_base_patch16_224.orig_in21k_ft_in1k"  # the original comparison's
+#: compare options that say how to rebuild the model and data (recorded for `vitxai evaluate`)
+SOURCE_KEYS = ("data", "split", "n_images", "data_seed", "data_root", "variant", "model",
+               "checkpoint", "random_weights", "precision", "device")
 SYNTHETIC_DEFAULT_SIZE = 12
 
 
@@ -151,6 +154,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     overrides = _method_overrides(args)
     _segmentation_overrides(args, methods, overrides)
     mask = MaskParams(**_parse_assignments(args.mask, "--mask"))
+    if args.evaluate:
+        args.save_attr_maps = True
     adapter, dataset, notes = _load_model_and_data(args)
     settings = CompareSettings(
         methods=methods, method_params=overrides, mask=mask, target=args.target,
@@ -161,9 +166,45 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     start = time.perf_counter()
+    source = {k: getattr(args, k) for k in SOURCE_KEYS}
     agg = compare(adapter, dataset, out, settings, progress=not args.no_progress,
-                  overwrite=args.overwrite, notes=notes)
+                  overwrite=args.overwrite, notes=notes, source=source)
     _print_summary(agg, out, time.perf_counter() - start)
+    if args.evaluate:
+        _run_evaluate(out, adapter, dataset, args)
+    return 0
+
+
+def _evaluate_settings(args: argparse.Namespace):
+    from vitxai.evaluate import EvaluateSettings
+
+    groups = ["faithfulness", "localization", "complexity", "agreement"]
+    groups += [g for g in ("sanity", "gae") if getattr(args, g, False)]
+    return EvaluateSettings(groups=groups, steps=args.steps, unit=args.unit,
+                            baseline=args.baseline, topk=args.topk,
+                            sanity_images=args.sanity_images, seed=args.seed)
+
+
+def _run_evaluate(out: Path, adapter, dataset, args: argparse.Namespace) -> None:
+    from vitxai.evaluate import evaluate
+    from vitxai.report.html import write_report
+
+    evaluate(out, adapter, dataset, _evaluate_settings(args), progress=not args.no_progress)
+    for path in write_report(out):
+        print(path)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    out = Path(args.run_dir)
+    config_path = out / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{out} is not a run directory (no config.json)")
+    config = json.loads(config_path.read_text())
+    source = config.get("source") or {}
+    if not source:
+        raise ValueError(f"{out} does not record its model and data; rerun `vitxai compare`")
+    adapter, dataset, _ = _load_model_and_data(argparse.Namespace(**source))
+    _run_evaluate(out, adapter, dataset, args)
     return 0
 
 
@@ -242,6 +283,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_evaluate_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--steps", type=int, default=20, help="deletion/insertion steps")
+    g.add_argument("--unit", default="patch", choices=["patch", "pixel"],
+                   help="deletion/insertion unit")
+    g.add_argument("--baseline", default="zero", choices=["zero", "blur", "mean", "uniform"],
+                   help="what deleted units become (zero = the model's mean colour)")
+    g.add_argument("--topk", type=float, default=0.1,
+                   help="share of patches in the top-k of the rank-agreement metrics")
+    g.add_argument("--sanity", action="store_true",
+                   help="also run cascading model randomisation (recomputes maps)")
+    g.add_argument("--gae", action="store_true", help="also compute GAE (recomputes maps)")
+    g.add_argument("--sanity-images", type=int, default=4,
+                   help="images used by --sanity and --gae")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vitxai",
@@ -298,7 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "same command resumes it")
     c.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
     c.add_argument("--no-progress", action="store_true")
+    c.add_argument("--evaluate", action="store_true",
+                   help="also score the maps (implies --save_attr_maps) and write the report")
+    _add_evaluate_options(c)
     c.set_defaults(func=cmd_compare)
+
+    ev = sub.add_parser("evaluate", help="score the maps a run saved (needs --save_attr_maps)",
+                        description="Faithfulness, localization, complexity and agreement "
+                                    "scores of a run's saved maps, with bootstrap intervals "
+                                    "and rankings; writes evaluation.json and the report.")
+    ev.add_argument("run_dir")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--seed", type=int, default=0)
+    _add_evaluate_options(ev)
+    ev.set_defaults(func=cmd_evaluate)
 
     e = sub.add_parser(
         "explain", help="overlay figures of chosen methods for one image or a folder",

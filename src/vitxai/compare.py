@@ -106,8 +106,13 @@ def _versions() -> dict[str, str]:
 
 def run_config(adapter: ModelAdapter, dataset: ImageDataset, settings: CompareSettings,
                params: Mapping[str, Any], indices: Sequence[int],
-               notes: Sequence[str] = ()) -> dict[str, Any]:
-    """The JSON record of a run; its fingerprint covers everything that changes results."""
+               notes: Sequence[str] = (), source: Mapping[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """The JSON record of a run; its fingerprint covers everything that changes results.
+
+    ``source`` records how to rebuild the model and dataset (the CLI's options), which
+    ``vitxai evaluate`` uses to reload the images of a run.
+    """
     model = {"name": adapter.name, "is_vit": adapter.is_vit,
              "data_config": getattr(adapter, "data_config", {}),
              "device": str(adapter.device), "dtype": str(adapter.dtype)}
@@ -125,6 +130,7 @@ def run_config(adapter: ModelAdapter, dataset: ImageDataset, settings: CompareSe
         "idx_sample_img": settings.idx_sample_img,
         "save_attr_maps": settings.save_attr_maps,
         "n_images": len(indices),
+        "source": dict(source or {}),
     }
     result["fingerprint"] = f"{stable_seed(json.dumps(result, sort_keys=True, default=str)):x}"
     result["batch_size"] = settings.batch_size
@@ -281,7 +287,8 @@ def _sample_plot(store: RunStore, batch: Batch, i: int, names: Sequence[str],
 
 def compare(adapter: ModelAdapter, dataset: ImageDataset, out: str | Path,
             settings: CompareSettings | None = None, *, progress: bool = True,
-            overwrite: bool = False, notes: Sequence[str] = ()) -> dict[str, Any]:
+            overwrite: bool = False, notes: Sequence[str] = (),
+            source: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run the comparison and write the run directory ``out`` (see :mod:`vitxai.store`).
 
     Reruns with the same settings resume: images already done are not recomputed.
@@ -302,7 +309,7 @@ def compare(adapter: ModelAdapter, dataset: ImageDataset, out: str | Path,
         )
     if sample_index not in indices:
         indices = sorted([*indices, sample_index])
-    config = run_config(adapter, dataset, s, params, indices, notes)
+    config = run_config(adapter, dataset, s, params, indices, notes, source)
     store = RunStore(out, config, overwrite=overwrite)
     done = store.done_indices()
     todo = [i for i in indices if i not in done]

@@ -36,7 +36,7 @@ class RunDirectoryError(RuntimeError):
     """The run directory cannot be used as asked; the message says what to do."""
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write; NaN and inf become null (undefined), since JSON has no NaN."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     text = json.dumps(_finite(data), indent=2, default=_json_default, allow_nan=False)
@@ -98,7 +98,7 @@ class RunStore:
                         f.unlink()
         self.root.mkdir(parents=True, exist_ok=True)
         self.figures.mkdir(exist_ok=True)
-        _write_json(config_path, dict(config))
+        write_json(config_path, dict(config))
         self.manifest = self._read_manifest()
 
     # --- resume ----------------------------------------------------------------------------
@@ -114,18 +114,7 @@ class RunStore:
 
     # --- streaming writes ------------------------------------------------------------------
     def _append_rows(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
-        if not rows:
-            return
-        path = self.root / name
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            if new:
-                writer.writeheader()
-            for row in rows:
-                writer.writerow({k: _format(v) for k, v in row.items()})
-            f.flush()
-            os.fsync(f.fileno())
+        append_csv(self.root / name, rows)
 
     def finish_batch(self, method_rows: Sequence[Mapping[str, Any]],
                      pair_rows: Sequence[Mapping[str, Any]], done: Iterable[int],
@@ -139,7 +128,7 @@ class RunStore:
             {"index": int(i), "path": p, "reason": r} for i, p, r in skipped
         )
         self.manifest["seconds"] = float(self.manifest["seconds"]) + seconds
-        _write_json(self.root / "manifest.json", self.manifest)
+        write_json(self.root / "manifest.json", self.manifest)
 
     def save_maps(self, first_index: int, tensors: Mapping[str, torch.Tensor]) -> Path:
         """Write one batch's maps as safetensors (atomic rename; never pickle)."""
@@ -154,12 +143,27 @@ class RunStore:
 
     def write_json(self, name: str, data: Any) -> Path:
         path = self.root / name
-        _write_json(path, data)
+        write_json(path, data)
         return path
 
     def complete(self) -> None:
         self.manifest["complete"] = True
-        _write_json(self.root / "manifest.json", self.manifest)
+        write_json(self.root / "manifest.json", self.manifest)
+
+
+def append_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Append rows (same keys) to a CSV, writing the header first; flushed to disk."""
+    if not rows:
+        return
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _format(v) for k, v in row.items()})
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _format(value: Any) -> Any:

@@ -393,7 +393,8 @@ def auc(curves: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor:
     if x.ndim != 1 or x.numel() < 2 or not x[-1] > x[0]:
         raise ValueError("fractions must be an increasing (K,) axis with K ≥ 2")
     x = (x - x[0]) / (x[-1] - x[0])
-    return torch.trapezoid(torch.as_tensor(curves, dtype=torch.float64), x.to(curves.device))
+    y = torch.as_tensor(curves, dtype=torch.float64)
+    return torch.trapezoid(y, x.to(y.device))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@ A method that explains the *model* must produce different maps when the model's 
 are destroyed. :func:`model_randomisation` re-initialises the layers of a deep copy of the
 model, from the output down (cascading) or one at a time (independent), and measures how
 similar each new map is to the original one; :func:`random_logit` compares the map for the
-target class with the map for a random other class (Sixt, Granz & Landgraf 2020 call this the
-class-sensitivity check; Quantus names it Random Logit). High similarity is the failure: an edge
+target class with the map for a random other class (Sixt, Granz & Landgraf 2020, "When
+Explanations Lie", ICML; Quantus's RandomLogit). High similarity is the failure: an edge
 detector, which ignores the model, scores 1 everywhere.
 
 ``method`` is a registry name (run through :func:`vitxai.methods.attribute` with the given

@@ -1,0 +1,349 @@
+"""Score the maps a comparison saved: faithfulness, localization, agreement, complexity, sanity.
+
+:func:`evaluate` reads ``maps/*.safetensors`` of a run directory (written with
+``--save_attr_maps``), reloads the same images, and computes per image and per method:
+
+- faithfulness: deletion AUC (lower is better) and insertion AUC (higher is better) with the
+  most relevant units first (Petsiuk et al. 2018), and single deletion on a 4×4 grid (Spearman
+  between cell sums and logit drops; Hesse et al. 2024);
+- localization, where the dataset has truth masks: pointing game, relevance mass, relevance
+  rank accuracy, and on the two-object split the class-discrimination score;
+- complexity: Gini sparseness and entropy (descriptive, no better direction);
+- agreement beyond masks between every pair of methods, on the patch grid (Krishna et al.
+  2022): feature, rank, sign and signed-rank agreement at top-k, rank correlation, pairwise rank
+  agreement;
+- optionally sanity (cascading model randomisation, Adebayo et al. 2018) and GAE (Vukadin
+  et al. 2024), which recompute maps.
+
+Statistics: every per-image score is kept (``per_image_evaluation.csv``); tables give means
+with bootstrap 95 % intervals and a ranking whose ties are methods not separated by a
+Holm-corrected Wilcoxon test. Undefined scores (NaN, e.g. Spearman of a constant map) are left
+out of each mean and counted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from vitxai.data.datasets import ImageDataset
+from vitxai.models.adapter import ModelAdapter
+from vitxai.store import RunDirectoryError, append_csv, load_maps, write_json
+
+#: score → (label, higher is better; None = descriptive)
+SCORES: dict[str, tuple[str, bool | None]] = {
+    "deletion_auc": ("deletion AUC", False),
+    "insertion_auc": ("insertion AUC", True),
+    "single_deletion": ("single deletion ρ", True),
+    "pointing_game": ("pointing game", True),
+    "relevance_mass": ("relevance mass", True),
+    "rank_accuracy": ("relevance rank accuracy", True),
+    "class_discrimination": ("class discrimination", True),
+    "gini": ("Gini sparseness", None),
+    "entropy": ("entropy", None),
+}
+PAIR_SCORES = ("feature_agreement", "rank_agreement", "sign_agreement",
+               "signed_rank_agreement", "rank_correlation", "pairwise_rank_agreement")
+ALL_GROUPS = ("faithfulness", "localization", "complexity", "agreement", "sanity", "gae")
+
+
+@dataclass
+class EvaluateSettings:
+    """What :func:`evaluate` computes.
+
+    Attributes:
+        groups: any of :data:`ALL_GROUPS`; "sanity" and "gae" recompute maps and are off by
+            default.
+        steps: deletion/insertion steps.
+        unit: "patch" (the ViT patch grid, default) or "pixel" for deletion/insertion.
+        baseline: perturbation baseline ("zero" = the model's mean colour, "blur", "mean",
+            "uniform").
+        topk: share of patches in the top-k of the rank-agreement metrics, in (0, 1].
+        batch_size: images per model call.
+        images_per_step: images evaluated together.
+        sanity_images: images used by the randomisation test.
+        seed: for baselines and the randomisation.
+    """
+
+    groups: Sequence[str] = ("faithfulness", "localization", "complexity", "agreement")
+    steps: int = 20
+    unit: str = "patch"
+    baseline: str = "zero"
+    topk: float = 0.1
+    batch_size: int = 64
+    images_per_step: int = 4
+    sanity_images: int = 4
+    seed: int = 0
+    method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.groups) - set(ALL_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown evaluation groups {sorted(unknown)}; valid: "
+                             f"{', '.join(ALL_GROUPS)}")
+        if not 0 < self.topk <= 1:
+            raise ValueError(f"parameter topk={self.topk} is out of range (0, 1]")
+
+
+def _patch_scores(maps: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) → (B, gh·gw) sums over patches (the features of the agreement metrics)."""
+    pooled = F.avg_pool2d(maps[:, None].double(), patch, stride=patch) * (patch[0] * patch[1])
+    return pooled.flatten(1)
+
+
+def _image_scores(adapter: ModelAdapter, images: torch.Tensor, maps: torch.Tensor,
+                  targets: torch.Tensor, s: EvaluateSettings, truth: torch.Tensor | None,
+                  other: torch.Tensor | None) -> dict[str, np.ndarray]:
+    from vitxai.metrics import complexity, faithfulness, localization
+
+    out: dict[str, np.ndarray] = {}
+    b = images.shape[0]
+    if "faithfulness" in s.groups:
+        unit = s.unit if adapter.is_vit or s.unit != "patch" else "pixel"
+        kw = {"steps": s.steps, "unit": unit, "baseline": s.baseline,
+              "batch_size": s.batch_size, "seed": s.seed}
+        for mode in ("deletion", "insertion"):
+            curves, fractions = faithfulness.perturbation_curve(
+                adapter, images, maps, targets, mode=mode, order="morf", **kw)
+            out[f"{mode}_auc"] = faithfulness.auc(curves, fractions).double().numpy()
+            out[f"{mode}_curve"] = curves.double().numpy()
+        out["single_deletion"] = faithfulness.single_deletion(
+            adapter, images, maps, targets, baseline=s.baseline, batch_size=s.batch_size,
+            seed=s.seed).double().numpy()
+    if "localization" in s.groups and truth is not None:
+        m, t = maps.numpy(), truth.numpy()
+        out["pointing_game"] = np.array([localization.pointing_game(m[i], t[i])
+                                         for i in range(b)])
+        out["relevance_mass"] = np.array([localization.mass_inside(m[i], t[i])
+                                          for i in range(b)])
+        out["rank_accuracy"] = np.array([localization.rank_accuracy(m[i], t[i])
+                                         for i in range(b)])
+        if other is not None:
+            o = other.numpy()
+            out["class_discrimination"] = np.array([
+                localization.class_discrimination(m[i], t[i], o[i]) for i in range(b)])
+    if "complexity" in s.groups:
+        out["gini"] = complexity.sparseness_gini(maps).double().numpy()
+        out["entropy"] = complexity.entropy(maps).double().numpy()
+    return out
+
+
+def _summary_tables(rows: list[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    from vitxai.stats import bootstrap_ci, ranking
+
+    tables: dict[str, Any] = {}
+    header = ["rank", "method", "mean", "95 % CI", "n", "tied with"]
+    for score, (label, better) in SCORES.items():
+        values = {n: np.array([r[score] for r in rows if r["method"] == n and score in r],
+                              dtype=float) for n in names}
+        if not any(v.size for v in values.values()):
+            continue
+        if better is None:
+            body = []
+            for n in names:
+                mean, lo, hi = bootstrap_ci(values[n], seed=0)
+                body.append(["", n, f"{mean:.4f}", f"[{lo:.4f}, {hi:.4f}]",
+                             str(int(np.isfinite(values[n]).sum())), ""])
+        else:
+            body = [[str(r.rank) if r.rank is not None else "n/a", r.method, f"{r.mean:.4f}",
+                     f"[{r.ci_low:.4f}, {r.ci_high:.4f}]",
+                     str(int(np.isfinite(values[r.method]).sum())), ", ".join(r.tied_with)]
+                    for r in ranking(values, higher_is_better=better, seed=0)]
+        direction = {True: "higher is better", False: "lower is better",
+                     None: "descriptive"}[better]
+        tables[f"Evaluation: {label}"] = {
+            "text": f"{direction}; mean over images with bootstrap 95 % interval; methods "
+                    "sharing a rank are not separated by a Holm-corrected Wilcoxon test "
+                    "(α = 0.05).",
+            "header": header, "rows": body}
+    return tables
+
+
+def evaluate(run_dir: str | Path, adapter: ModelAdapter, dataset: ImageDataset,
+             settings: EvaluateSettings | None = None, *, progress: bool = True
+             ) -> dict[str, Any]:
+    """Evaluate a run's saved maps and write ``evaluation.json`` and
+    ``per_image_evaluation.csv`` into the run directory (see the module docstring)."""
+    from vitxai.metrics.rank_agreement import agreement_table
+
+    s = settings or EvaluateSettings()
+    root = Path(run_dir)
+    config = json.loads((root / "config.json").read_text())
+    names = list(config["methods"])
+    try:
+        saved = load_maps(root)
+    except RunDirectoryError as e:
+        raise RunDirectoryError(
+            f"{root} has no saved maps; rerun the comparison with --save_attr_maps") from e
+    indices = saved["index"].tolist()
+    targets_all = saved["target"]
+    rows: list[dict[str, Any]] = []
+    pair_values: dict[tuple[str, str], dict[str, list]] = {}
+    curves: dict[str, list] = {n: [] for n in names}
+    k_features = None
+    bar = tqdm(total=len(indices), unit="img", desc="evaluate", disable=not progress)
+    for start in range(0, len(indices), s.images_per_step):
+        sel = slice(start, start + s.images_per_step)
+        samples = [dataset.load(i) for i in indices[sel]]
+        images = torch.stack([x.image for x in samples]).to(adapter.device, adapter.dtype)
+        truth = (torch.stack([x.mask for x in samples])
+                 if all(x.mask is not None for x in samples) else None)
+        other = (torch.stack([x.other_mask for x in samples])
+                 if all(x.other_mask is not None for x in samples) else None)
+        targets = targets_all[sel]
+        patch_maps = {}
+        for name in names:
+            maps = saved[f"{name}.map"][sel].to(adapter.dtype)
+            scores = _image_scores(adapter, images, maps.to(adapter.device), targets, s,
+                                   truth, other)
+            for i, index in enumerate(indices[sel]):
+                rows.append({"index": index, "method": name, **{
+                    k: float(v[i]) for k, v in scores.items() if not k.endswith("_curve")}})
+            if "deletion_curve" in scores:
+                curves[name].append(np.stack([scores["deletion_curve"],
+                                              scores["insertion_curve"]], axis=1))
+            if adapter.is_vit:
+                patch_maps[name] = _patch_scores(maps.cpu(), adapter.patch_size)
+        if "agreement" in s.groups and len(patch_maps) > 1:
+            d = next(iter(patch_maps.values())).shape[1]
+            k_features = max(1, round(s.topk * d))
+            table = agreement_table(patch_maps, k_features)
+            for pair, metrics in table.items():
+                slot = pair_values.setdefault(pair, {m: [] for m in PAIR_SCORES})
+                for m in PAIR_SCORES:
+                    slot[m].extend(np.asarray(metrics[m], dtype=float).tolist())
+        bar.update(len(samples))
+    bar.close()
+    extra = _recomputing_groups(adapter, dataset, indices, targets_all, names, config, s)
+    for r in rows:
+        for key, per_index in extra.get("per_image", {}).items():
+            method, score = key
+            if r["method"] == method and r["index"] in per_index:
+                r[score] = per_index[r["index"]]
+    tables = _summary_tables(rows, names)
+    tables.update(extra.get("tables", {}))
+    if pair_values:
+        header = ["A", "B", *PAIR_SCORES]
+        body = [[a, b, *[f"{np.nanmean(v[m]):.3f}" if np.isfinite(v[m]).any() else "n/a"
+                         for m in PAIR_SCORES]]
+                for (a, b), v in pair_values.items() if a < b]
+        tables["Agreement beyond masks (patches)"] = {
+            "text": f"Krishna et al. 2022 on the patch grid, top-k = {k_features} patches, "
+                    "means over images. Sign metrics are degenerate for non-negative methods.",
+            "header": header, "rows": body}
+    figure = _curve_figure(root, curves)
+    if figure is not None:
+        tables["Evaluation: deletion and insertion curves"] = {
+            "text": "Mean target probability as the most relevant units are deleted (left) or "
+                    "inserted (right).", "header": [], "rows": [],
+            "figures": [str(figure.relative_to(root))]}
+    result = {"settings": {k: v for k, v in s.__dict__.items()}, "tables": tables,
+              "n_images": len(indices)}
+    (root / "per_image_evaluation.csv").unlink(missing_ok=True)
+    append_csv(root / "per_image_evaluation.csv", _uniform(rows))
+    write_json(root / "evaluation.json", result)
+    return result
+
+
+def _uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    keys: list[str] = []
+    for r in rows:
+        keys.extend(k for k in r if k not in keys)
+    return [{k: r.get(k, float("nan")) for k in keys} for r in rows]
+
+
+def _curve_figure(root: Path, curves: dict[str, list]) -> Path | None:
+    if not any(curves.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, parts in curves.items():
+        if not parts:
+            continue
+        c = np.concatenate(parts)  # (N, 2, steps+1)
+        x = np.linspace(0, 1, c.shape[-1])
+        for j, ax in enumerate(axes):
+            ax.plot(x, np.nanmean(c[:, j], axis=0), label=name)
+    for ax, title in zip(axes, ("deletion (most relevant first)", "insertion"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("share of units perturbed")
+        ax.set_ylabel("target probability")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path = root / "figures" / "faithfulness_curves.png"
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _recomputing_groups(adapter: ModelAdapter, dataset: ImageDataset, indices: list[int],
+                        targets: torch.Tensor, names: Sequence[str], config: dict[str, Any],
+                        s: EvaluateSettings) -> dict[str, Any]:
+    """Sanity and GAE: they need fresh maps, so they run on a few images only."""
+    from vitxai.methods import attribute, get_method
+
+    out: dict[str, Any] = {"tables": {}, "per_image": {}}
+    n = min(s.sanity_images, len(indices))
+    if n == 0:
+        return out
+    chosen = indices[:n]
+    images = torch.stack([dataset.load(i).image for i in chosen]).to(adapter.device,
+                                                                     adapter.dtype)
+    t = targets[:n]
+    params = {name: get_method(name).make_params(**_params(config, name)) for name in names}
+    if "sanity" in s.groups:
+        from vitxai.metrics.sanity import model_randomisation
+
+        body = []
+        for name in names:
+            sims = model_randomisation(adapter, name, images, t, mode="cascading",
+                                       seed=s.seed, method_params=params[name])
+            last = list(sims)[-1]
+            body.append([name, f"{float(torch.nanmean(sims[list(sims)[0]])):.3f}",
+                         f"{float(torch.nanmean(sims[last])):.3f}", str(n)])
+        out["tables"]["Sanity: cascading model randomisation"] = {
+            "text": "Spearman similarity between maps of the trained model and of the model "
+                    "with its top layer randomised (first column) and with every layer "
+                    "randomised (second column). A map that explains the model should change: "
+                    "low similarity is good (Adebayo et al. 2018).",
+            "header": ["method", "head randomised", "all randomised", "images"],
+            "rows": body}
+    if "gae" in s.groups and n >= 4:
+        from vitxai.metrics.gae import gae
+
+        body = []
+        group = images[: 4 * (n // 4)]
+        for name in names:
+            def relevance(x, tt, name=name):
+                return attribute(name, adapter, x, tt, method_params=params[name]).maps
+            scores = gae(adapter, relevance, group, seed=s.seed)
+            body.append([name] + [f"{float(scores[k].double().mean()):.3f}" for k in
+                                  ("faithfulness", "robustness", "local_consistency",
+                                   "contrastiveness", "gae")])
+        out["tables"]["GAE (Vukadin et al. 2024, fixed)"] = {
+            "text": f"On {group.shape[0]} images in groups of four; every component in its "
+                    "range (GAE, LC, C in [0, 1]).",
+            "header": ["method", "F", "Rob", "LC", "C", "GAE"], "rows": body}
+    return out
+
+
+def _params(config: dict[str, Any], name: str) -> dict[str, Any]:
+    raw = dict(config["methods"][name])
+    if "segmentation" in raw and isinstance(raw["segmentation"], dict):
+        from vitxai.methods.perturbation import SegmentationParams
+
+        raw["segmentation"] = SegmentationParams(**raw["segmentation"])
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
