@@ -242,7 +242,11 @@ def aggregate(root: str | Path, names: Sequence[str]) -> dict[str, Any]:
                     total[a, c] += v
                     count[a, c] += 1
             mean = np.divide(total, count, out=np.full((n, n), np.nan), where=count > 0)
-            np.fill_diagonal(mean, 1.0)
+            # a mask agrees with itself wherever it is non-empty (and is undefined elsewhere)
+            for a, name in enumerate(names):
+                count[a, a] = sum(1 for r in sub_rows
+                                  if r["method"] == name and r["mask_fraction"] > 0)
+                mean[a, a] = 1.0 if count[a, a] else np.nan
             matrices[metric] = {"mean": mean.tolist(), "n": count.tolist()}
         out["subsets"][subset] = {
             "n_images": len({r["index"] for r in sub_rows}),

@@ -53,7 +53,8 @@ def sample_figure(image: np.ndarray, maps: Mapping[str, np.ndarray],
 
     Args:
         image: (H, W, 3) in [0, 1], the unnormalised model input.
-        maps: method → (H, W) signed map, shown on a diverging scale symmetric about 0.
+        maps: method → (H, W) signed map, shown on a diverging scale symmetric about 0
+            (a sequential scale from 0 for maps without negative values).
         masks: method → (H, W) bool mask, overlaid on the image.
         truth: optional (H, W) ground-truth mask, outlined on the image panel.
     """
@@ -69,7 +70,10 @@ def sample_figure(image: np.ndarray, maps: Mapping[str, np.ndarray],
     for j, name in enumerate(names, start=1):
         m = np.asarray(maps[name], dtype=float)
         peak = float(np.nanmax(np.abs(m))) or 1.0
-        axes[0, j].imshow(m, cmap="RdBu_r", vmin=-peak, vmax=peak)
+        if np.nanmin(m) >= 0:  # non-negative methods: a sequential scale shows more
+            axes[0, j].imshow(m, cmap="inferno", vmin=0, vmax=peak)
+        else:
+            axes[0, j].imshow(m, cmap="RdBu_r", vmin=-peak, vmax=peak)
         axes[0, j].set_title(name, fontsize=9)
         axes[1, j].imshow(image)
         axes[1, j].imshow(np.ma.masked_where(~masks[name], masks[name]), cmap="autumn",

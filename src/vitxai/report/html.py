@@ -148,6 +148,13 @@ img{max-width:100%;margin:.5em 0;border:1px solid #eee}td{max-width:600px;word-b
 """
 
 
+# Records on <body> how many figures decoded, so a headless browser can check the rendering
+# (scripts/check_report.py); harmless for readers.
+_LOAD_PROBE = ("<script>addEventListener('load',()=>{const i=[...document.images];"
+               "document.body.dataset.figures=i.length;document.body.dataset.rendered="
+               "i.filter(x=>x.complete&&x.naturalWidth>0).length})</script>")
+
+
 def write_report(root: str | Path) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` into the run directory."""
     root = Path(root)
@@ -157,7 +164,7 @@ def write_report(root: str | Path) -> tuple[Path, Path]:
                                     "run `vitxai compare` first")
     sections = _sections(root)
     parts = [f"<!doctype html><meta charset='utf-8'><title>vitxai report: "
-             f"{html.escape(root.name)}</title><style>{_CSS}</style>",
+             f"{html.escape(root.name)}</title><style>{_CSS}</style>{_LOAD_PROBE}",
              f"<h1>vitxai report: {html.escape(root.name)}</h1>"]
     md = [f"# vitxai report: {root.name}"]
     for title, text, header, rows, figures in sections:
