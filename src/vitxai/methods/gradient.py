@@ -30,8 +30,8 @@ from vitxai.models.adapter import ModelAdapter
 
 Baseline = Literal["mean", "black", "white", "uniform", "uniform_normalized"] | float
 BASELINES: tuple[str, ...] = ("mean", "black", "white", "uniform", "uniform_normalized")
-Space = Literal["normalized", "pixel"]
-SPACES: tuple[str, ...] = ("normalized", "pixel")
+InputSpace = Literal["normalized", "pixel"]
+INPUT_SPACES: tuple[str, ...] = ("normalized", "pixel")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -404,7 +404,7 @@ def saliency(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
 
 
 def ixg_channels(adapter: ModelAdapter, points: torch.Tensor, grads: torch.Tensor,
-                 space: Space) -> torch.Tensor:
+                 space: InputSpace) -> torch.Tensor:
     """Input×Gradient from pixel points and their pixel gradients (same shapes).
 
     "normalized": x_norm ⊙ ∂y/∂x_norm = ((x − μ)/σ) ⊙ (σ ∂y/∂x) = (x − μ) ⊙ ∂y/∂x, captum's
@@ -427,11 +427,11 @@ class InputXGradientParams:
         internal_batch_size: images per model call, ≥ 1.
     """
 
-    space: Space = "normalized"
+    space: InputSpace = "normalized"
     internal_batch_size: int = 64
 
     def __post_init__(self) -> None:
-        _check_choice("space", self.space, SPACES)
+        _check_choice("space", self.space, INPUT_SPACES)
         check_range("internal_batch_size", self.internal_batch_size, 1, None)
 
 
@@ -487,7 +487,7 @@ class SmoothGradParams:
     n_samples: int = 4
     stdev: float = 1.0
     transform: Transform = "none"
-    space: Space = "normalized"
+    space: InputSpace = "normalized"
     steps: int = 50
     baseline: Baseline = "mean"
     internal_batch_size: int = 64
@@ -497,7 +497,7 @@ class SmoothGradParams:
         check_range("n_samples", self.n_samples, 1, None)
         check_range("stdev", self.stdev, 0.0, None)
         _check_choice("transform", self.transform, tuple(_TRANSFORMS))
-        _check_choice("space", self.space, SPACES)
+        _check_choice("space", self.space, INPUT_SPACES)
         check_range("steps", self.steps, 1, None)
         check_baseline("baseline", self.baseline)
         check_range("internal_batch_size", self.internal_batch_size, 1, None)
@@ -517,11 +517,11 @@ def smoothgrad(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
     """Noise comes from ``context.generator(i, "smoothgrad")``; the IG baseline is drawn as by
     ``integrated_gradients`` (same generator purpose), so σ = 0 reproduces the base method."""
     b, n = images.shape[0], p.n_samples
-    noise = torch.stack([
+    noise = torch.stack([  # cast per image: B·n float64 noise images would double memory
         torch.randn(n, *images.shape[1:], generator=context.generator(i, "smoothgrad"),
-                    dtype=torch.float64)
+                    dtype=torch.float64).to(images)
         for i in range(b)
-    ]).to(images)
+    ])
     # stdev is in normalised units: one normalised unit is σ_c pixel units in channel c
     noisy = images[:, None] + p.stdev * adapter.std[:, None] * noise  # (B, n, 3, H, W)
     transform = _TRANSFORMS[p.transform]

@@ -302,6 +302,8 @@ def evaluate_masks(
     Returns:
         (B, n) float64 CPU outputs; NaN where ``valid`` is False.
     """
+    if space == "pixel" and baseline is None:
+        raise ValueError("evaluate_masks needs a baseline in pixel space")
     b = images.shape[0]
     device = images.device
     tgt = targets.to(device)
