@@ -85,13 +85,17 @@ def test_training_writes_loadable_files(tmp_path):
     from vitxai.train import train_benchmark_model
 
     tiny = {"embed_dim": 16, "depth": 1, "num_heads": 1, "mlp_ratio": 1.0}
-    card = train_benchmark_model(tmp_path, seed=1, steps=2, batch_size=4, warmup_steps=1,
-                                 test_size=8, model_kwargs=tiny, progress=False, threads=1)
+    card = train_benchmark_model(tmp_path, seed=1, time_budget_s=6, batch_size=4,
+                                 full_batch_size=2, test_size=8, model_kwargs=tiny,
+                                 progress=False, threads=1)
     files = {p.name for p in tmp_path.iterdir()}
     assert files == {"benchmark_vit.safetensors", "benchmark_vit.json", "benchmark_vit.md"}
     saved = json.loads((tmp_path / "benchmark_vit.json").read_text())
-    assert saved == card and saved["training"]["optimizer"]["steps_done"] == 2
-    assert saved["test"]["seed"] != saved["seed"]
+    assert saved == card and saved["test"]["seed"] != saved["seed"]
+    crops, full = saved["training"]["phases"]
+    assert crops["steps"] >= 1 and full["steps"] >= 1
+    assert saved["training"]["command_wall_time_s"] < 30
+    assert saved["command"] == f"{TRAIN_COMMAND} --out {tmp_path} --seed 1 --time-budget 6"
     adapter = load_bundled_model(card=tmp_path / "benchmark_vit.json")
     x = torch.rand(2, 3, 224, 224)
     assert adapter.predict(x).shape == (2, 10)

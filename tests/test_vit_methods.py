@@ -383,3 +383,23 @@ def test_full_lrp_pixel_relevance_is_bounded_by_the_total(vit64):
     assert r.maps.shape == (2, 32, 32) and r.channels.shape == (2, 3, 32, 32)
     # the patch tokens' share of the unit relevance entering block 0
     assert ((r.maps.sum((1, 2)) > 0) & (r.maps.sum((1, 2)) < 1 + 1e-6)).all()
+
+
+def test_token_gradcam_closed_form(vit64):
+    x = images_for(vit64, 2)
+    t = torch.tensor([2, 7])
+    tokens = {}
+
+    def keep(_m, _i, out):
+        out.retain_grad()
+        tokens["h"] = out
+
+    handle = vit64.blocks[-1].norm1.register_forward_hook(keep)
+    try:
+        vit64.logits(x.clone().requires_grad_()).gather(1, t[:, None]).sum().backward()
+    finally:
+        handle.remove()
+    h, g = tokens["h"].detach()[:, 1:], tokens["h"].grad[:, 1:]
+    expected = (h * g.mean(1, keepdim=True)).sum(-1).clamp(min=0).reshape(2, 4, 4)
+    ours = attribute("gradcam", vit64, x, t)
+    assert torch.allclose(ours.native, expected, atol=1e-12)

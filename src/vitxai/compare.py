@@ -174,6 +174,8 @@ def _batch_rows(batch: Batch, names: Sequence[str], results: Mapping[str, Any],
                 "mask_fraction": float(masks[name][i].mean()),
                 "forward_passes": r.cost.forward, "backward_passes": r.cost.backward,
                 "seconds_per_image": r.cost.seconds / b, "shared_pass": r.cost.shared,
+                "peak_memory_mb": (float("nan") if r.cost.peak_memory_mb is None
+                                   else r.cost.peak_memory_mb),
             }
             row |= _truth_scores("truth", r.maps, masks[name], batch.masks, i)
             row |= _truth_scores("other", r.maps, masks[name], batch.other_masks, i)

@@ -229,6 +229,10 @@ def evaluate(run_dir: str | Path, adapter: ModelAdapter, dataset: ImageDataset,
             if r["method"] == method and r["index"] in per_index:
                 r[score] = per_index[r["index"]]
     tables = _summary_tables(rows, names)
+    if "localization" in s.groups and not dataset.has_masks:
+        tables["Evaluation: localization"] = {
+            "text": f"Skipped: dataset {dataset.name!r} has no ground-truth masks.",
+            "header": [], "rows": []}
     tables.update(extra.get("tables", {}))
     if pair_values:
         header = ["A", "B", *PAIR_SCORES]

@@ -4,35 +4,37 @@ Every image is 224 × 224 RGB. Its class is carried by one *class object* only; 
 is drawn from one distribution shared by all classes, so no pixel outside the object can
 predict the class.
 
-Classes (10) = 5 body shapes × 2 badge textures. A class object is a solid **body** (disc,
-square, triangle, five-pointed star or plus-shaped cross) with a round **badge** at its centre
-filled with a two-tone texture (stripes or checkerboard). The object is placed at a random
-position, scale (bounding-circle radius 30–56 px, i.e. about 4–7 ViT patches across) and
-rotation; body and badge colours, texture period and texture angle are random and
-class-independent. Label = 2 · shape + texture (see :data:`CLASS_NAMES`).
+**Class object.** A silhouette (disc, square or hexagon, chosen independently of the class)
+cut into two halves by a straight seam through its centre; each half is filled with one of
+four two-tone textures (stripes, checkerboard, dots, grid). The class is the unordered pair
+of textures of the two halves: 4 · 5 / 2 = 10 classes ("stripes+stripes",
+"stripes+checker", ... see :data:`CLASS_NAMES`). Everything else about the object is random
+and class-independent: position, size (bounding-circle radius 30–56 px, about 4–7 ViT patches
+across), silhouette and its rotation, seam angle, which half gets which texture, each half's
+texture angle and period (7–10 px), and the object colour (light tone c, dark tone 0.2 c).
+Each half carries exactly one cue, so the two halves are the object's *parts*; both are needed
+to name the class (one half leaves four classes possible).
 
-Everything else is class-independent: a linear colour gradient of two muted colours, 2–6 line
-segments, 1–4 elongated ellipses (aspect ≥ 1.7, never a disc) and 0–3 thin rings, in the same
-colour distribution as the objects; a third of the ellipses and rings carry one of the two
-badge textures, so "stripes somewhere in the image" is not enough to name the class. Gaussian
-pixel noise (σ 0.01–0.05) covers the whole image. The distractor family (segments, elongated
-ellipses, rings, no badge) never forms a class object. The class object is drawn last, so its
-mask is exactly its visible pixels.
+**Everything else** is class-independent: a linear gradient between two muted colours, 2–6
+line segments, 1–4 elongated ellipses (aspect >= 1.7) and 0–3 thin rings, all solid, in the
+same colour distribution as the objects, and Gaussian pixel noise (σ 0.01–0.05) over the
+whole image. Distractors never carry a texture, so they never form a class object. The class
+object is drawn last, so its mask is exactly its visible pixels.
 
-Splits (each its own random stream, so the same seed gives unrelated images in each):
+**Splits** (each its own random stream, so one seed gives unrelated images in each):
 
 * ``"single"``: one class object; ``mask`` is its pixels.
-* ``"pair"``: two objects of two different classes (bounding circles 30–46 px, never
-  overlapping); ``label``/``mask`` belong to the first, ``other_label``/``other_mask`` to the
-  second: an explanation for one class must land on its own object.
-* ``"parts"``: like ``"single"``, plus the object's two part masks, ``"body"`` (the shape
-  cue) and ``"badge"`` (the texture cue). Each part holds exactly one of the two cues, so
-  FunnyBirds-style part importance can be tested; ``generate(..., omit=("badge",))``
-  re-renders an image with a part removed (background shows through).
+* ``"pair"``: two objects whose classes share no texture (e.g. stripes+dots with
+  checker+grid; bounding circles 30–46 px, never overlapping); ``label``/``mask`` belong to
+  the first, ``other_label``/``other_mask`` to the second. Since no texture of one class is
+  in the other object, an explanation for one class must land on its own object.
+* ``"parts"``: like ``"single"``, plus the masks of the two halves, ``"first"`` (textured
+  with ``TEXTURES[CLASS_TEXTURES[label][0]]``) and ``"second"``; ``generate(...,
+  omit=("first",))`` re-renders an image without that half, for part-deletion tests.
 
 Generation is deterministic: image ``i`` of ``(split, seed)`` depends only on
-``(seed, split, i)``, never on which other images are generated with it. Speed is about
-1–2 thousand images per second per core (numpy, each element drawn in its bounding window).
+``(seed, split, i)``, never on which other images are generated with it. Speed: about 800
+images per second per core (numpy; each element is drawn inside its bounding window only).
 """
 
 from __future__ import annotations
@@ -50,34 +52,36 @@ import torch
 from vitxai.data.datasets import ImageDataset, Sample
 
 #: Bump when the image distribution changes: the bundled model is tied to it.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 IMAGE_SIZE = 224
 SPLITS: tuple[str, ...] = ("single", "pair", "parts")
-SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "star", "cross")
-TEXTURES: tuple[str, ...] = ("stripes", "checker")
-NUM_CLASSES = len(SHAPES) * len(TEXTURES)
-#: label -> "shape-texture"; label = 2 * shape index + texture index.
+TEXTURES: tuple[str, ...] = ("stripes", "checker", "dots", "grid")
+#: label -> (texture of the first half, texture of the second), first <= second.
+CLASS_TEXTURES: tuple[tuple[int, int], ...] = tuple(
+    (a, b) for a in range(len(TEXTURES)) for b in range(a, len(TEXTURES)))
+NUM_CLASSES = len(CLASS_TEXTURES)
 CLASS_NAMES: dict[int, str] = {
-    2 * s + t: f"{shape}-{texture}"
-    for s, shape in enumerate(SHAPES) for t, texture in enumerate(TEXTURES)
-}
-PARTS: tuple[str, ...] = ("body", "badge")
+    k: f"{TEXTURES[a]}+{TEXTURES[b]}" for k, (a, b) in enumerate(CLASS_TEXTURES)}
+#: Class-independent outlines of the class objects.
+SILHOUETTES: tuple[str, ...] = ("disc", "square", "hexagon")
+PARTS: tuple[str, ...] = ("first", "second")
 #: What ``generate(omit=...)`` may leave out.
-OMITTABLE: tuple[str, ...] = ("target", "other", "body", "badge")
+OMITTABLE: tuple[str, ...] = ("target", "other", *PARTS)
+#: label -> the labels sharing no texture with it (partners in the "pair" split).
+DISJOINT_CLASSES: dict[int, tuple[int, ...]] = {
+    k: tuple(j for j, tj in enumerate(CLASS_TEXTURES) if not set(tk) & set(tj))
+    for k, tk in enumerate(CLASS_TEXTURES)}
 
-# Object geometry, in units of the bounding-circle radius R (every shape fits in |p| <= 1).
 _RADIUS = (30.0, 56.0)
 _PAIR_RADIUS = (30.0, 46.0)
-_BADGE = 0.34  # badge radius; fits inside every body (cross arm half-width, star core)
+# Silhouettes in units of the bounding-circle radius (each fits in |p| <= 1).
+_DISC = 0.95
 _SQUARE = 0.68  # half side
-_TRIANGLE = 0.48  # inradius (circumradius 0.96)
-_STAR_OUT = 0.98  # tip radius of the pentagram; its edge lines lie at 0.309 · tip radius
-_CROSS = (0.34, 0.94)  # arm half-width, arm half-length
-_DISC = 0.9
+_HEXAGON = 0.82  # apothem (circumradius 0.947)
+_HALF_PERIOD = (3.5, 5.0)  # texture period 7–10 px
 _NOISE_BANK = 448
-# Distractors per image: [low, high) counts of segments, ellipses, rings; share textured.
+# Distractors per image, [low, high): segments, ellipses, rings.
 _N_LINES, _N_ELLIPSES, _N_RINGS = (2, 7), (1, 5), (0, 4)
-_P_TEXTURED = 1 / 3
 
 
 class Generated(NamedTuple):
@@ -85,10 +89,11 @@ class Generated(NamedTuple):
 
     images: uint8 (N, 3, H, W). labels: int64 (N,). masks: bool (N, H, W), pixels of the
     target object. other_labels: int64 (N,), -1 outside the pair split. other_masks: bool
-    (N, H, W) for "pair", else None. parts: bool (N, 2, H, W), the target's (body, badge) for
-    "parts", else None. circles / other_circles: float32 (N, 3) bounding circle (cx, cy, r)
-    of each object in pixels (pixel (y, x) has centre (x + 0.5, y + 0.5)); other_circles is
-    None outside "pair". The bounding-circle radius distribution does not depend on the class.
+    (N, H, W) for "pair", else None. parts: bool (N, 2, H, W), the target's halves (first,
+    second), or None (see ``generate(parts=...)``). circles / other_circles: float32 (N, 3),
+    bounding circle (cx, cy, r) of each object in pixels (pixel (y, x) has centre
+    (x + 0.5, y + 0.5)); other_circles is None outside "pair". The circles' distribution does
+    not depend on the class.
     """
 
     images: torch.Tensor
@@ -103,11 +108,12 @@ class Generated(NamedTuple):
 
 @dataclass(frozen=True)
 class _Texture:
-    kind: int  # 0 stripes, 1 checker; -1 solid
-    colours: tuple[np.ndarray, np.ndarray]
-    cos: float = 1.0
-    sin: float = 0.0
-    half_period: float = 4.0
+    kind: int  # index into TEXTURES
+    light: np.ndarray  # (3,) colours
+    dark: np.ndarray
+    cos: float
+    sin: float
+    half_period: float
 
 
 @dataclass(frozen=True)
@@ -116,10 +122,12 @@ class _Object:
     cx: float
     cy: float
     r: float
-    cos: float
+    silhouette: int
+    cos: float  # silhouette rotation
     sin: float
-    body_colour: np.ndarray
-    badge: _Texture
+    seam_cos: float  # normal of the seam; the first half is on its positive side
+    seam_sin: float
+    halves: tuple[_Texture, _Texture]
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,7 @@ class _Clutter:
     sin: float
     a: float  # line half-length / ellipse semi-major / ring outer radius
     b: float  # line half-thickness / ellipse semi-minor / ring inner radius
-    fill: _Texture
+    colour: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -182,18 +190,17 @@ def _vivid(d: _Draws) -> np.ndarray:
     return _hsv(d.uniform(), d.uniform(0.55, 1.0), d.uniform(0.55, 1.0))
 
 
-def _texture(d: _Draws, kind: int) -> _Texture:
-    c = _vivid(d)
-    angle = d.uniform(0, math.pi)
-    # Dark partner colour keeps the two tones apart whatever the hue.
-    return _Texture(kind, (c, c * np.float32(0.2)), math.cos(angle), math.sin(angle),
-                    d.uniform(3.0, 4.5))
-
-
 def _object(d: _Draws, label: int, cx: float, cy: float, r: float) -> _Object:
-    angle = d.uniform(0, 2 * math.pi)
-    return _Object(label, cx, cy, r, math.cos(angle), math.sin(angle), _vivid(d),
-                   _texture(d, label % 2))
+    light = _vivid(d)
+    dark = light * np.float32(0.2)  # keeps the two tones apart whatever the hue
+    halves = []
+    for kind in CLASS_TEXTURES[label]:
+        angle = d.uniform(0, math.pi)
+        halves.append(_Texture(kind, light, dark, math.cos(angle), math.sin(angle),
+                               d.uniform(*_HALF_PERIOD)))
+    rotation, seam = d.uniform(0, 2 * math.pi), d.uniform(0, 2 * math.pi)
+    return _Object(label, cx, cy, r, d.integer(0, len(SILHOUETTES)), math.cos(rotation),
+                   math.sin(rotation), math.cos(seam), math.sin(seam), (halves[0], halves[1]))
 
 
 def _clutter(d: _Draws) -> list[_Clutter]:
@@ -210,12 +217,7 @@ def _clutter(d: _Draws) -> list[_Clutter]:
         else:
             a = d.uniform(8, 18)
             b = a - d.uniform(2, 4)
-        if kind != "line" and d.uniform() < _P_TEXTURED:
-            fill = _texture(d, d.integer(0, 2))
-        else:
-            colour = _vivid(d)
-            fill = _Texture(-1, (colour, colour))
-        items.append(_Clutter(kind, cx, cy, math.cos(angle), math.sin(angle), a, b, fill))
+        items.append(_Clutter(kind, cx, cy, math.cos(angle), math.sin(angle), a, b, _vivid(d)))
     return items
 
 
@@ -228,7 +230,8 @@ def _scene(seed: int, split: str, index: int) -> _Scene:
     clutter = _clutter(d)
     if split == "pair":
         first = d.integer(0, NUM_CLASSES)
-        second = (first + d.integer(1, NUM_CLASSES)) % NUM_CLASSES
+        partners = DISJOINT_CLASSES[first]
+        second = partners[d.integer(0, len(partners))]
         while True:  # rejection sampling: both circles inside, apart by >= 4 px
             r1, r2 = d.uniform(*_PAIR_RADIUS), d.uniform(*_PAIR_RADIUS)
             x1, y1 = d.uniform(r1, IMAGE_SIZE - r1), d.uniform(r1, IMAGE_SIZE - r1)
@@ -272,42 +275,33 @@ def _rotate(dx: np.ndarray, dy: np.ndarray, cos: float, sin: float, scale: float
     return dx * c + dy * s, dy * c - dx * s
 
 
-def _shape_mask(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Membership of the unit-radius body ``SHAPES[shape]`` (only mul/add/compare: exact)."""
-    if shape == 0:
+def _silhouette(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Membership of ``SILHOUETTES[kind]`` at unit radius (mul/add/compare only: exact)."""
+    if kind == 0:
         return u * u + v * v <= np.float32(_DISC**2)
-    if shape == 1:
+    if kind == 1:
         return np.maximum(np.abs(u), np.abs(v)) <= np.float32(_SQUARE)
-    if shape == 2:
-        inside = np.ones(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
-        for k in range(3):
-            a = math.pi / 2 + 2 * math.pi * k / 3
-            inside &= u * np.float32(math.cos(a)) + v * np.float32(math.sin(a)) <= np.float32(
-                _TRIANGLE)
-        return inside
-    if shape == 3:
-        # A filled pentagram is where at most one of its five edge half-planes is violated.
-        outside = np.zeros(np.broadcast_shapes(u.shape, v.shape), dtype=np.uint8)
-        d = np.float32(_STAR_OUT * math.cos(2 * math.pi / 5))
-        for k in range(5):
-            a = math.pi / 2 + math.pi / 5 + 2 * math.pi * k / 5
-            outside += (u * np.float32(math.cos(a)) + v * np.float32(math.sin(a)) > d)
-        return outside <= 1
-    w, length = np.float32(_CROSS[0]), np.float32(_CROSS[1])
-    au, av = np.abs(u), np.abs(v)
-    return ((au <= w) & (av <= length)) | ((av <= w) & (au <= length))
+    inside = np.abs(v) <= np.float32(_HEXAGON)
+    for k in (1, 2):
+        a = math.pi / 2 + k * math.pi / 3
+        inside &= np.abs(u * np.float32(math.cos(a)) + v * np.float32(math.sin(a))) <= np.float32(
+            _HEXAGON)
+    return inside
 
 
-def _texture_pixels(tex: _Texture, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-    """(3, h, w) colours of ``tex`` at the given offsets; solid: its first colour (3, 1, 1)."""
-    if tex.kind < 0:
-        return tex.colours[0][:, None, None]
+def _dark(tex: _Texture, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Where ``tex`` shows its dark tone, at pixel offsets dx (1, w), dy (h, 1)."""
     a, b = _rotate(dx, dy, tex.cos, tex.sin, tex.half_period)
-    tone = np.floor(a).astype(np.int64)
-    if tex.kind == 1:
-        tone = tone + np.floor(b).astype(np.int64)
-    dark = (tone & 1).astype(bool)
-    return np.where(dark, tex.colours[1][:, None, None], tex.colours[0][:, None, None])
+    if tex.kind == 0:  # stripes, half-period wide
+        return (np.floor(a).astype(np.int64) & 1).astype(bool)
+    if tex.kind == 1:  # checkerboard
+        return ((np.floor(a).astype(np.int64) + np.floor(b).astype(np.int64)) & 1).astype(bool)
+    a, b = a * np.float32(0.5), b * np.float32(0.5)  # cells of one period
+    fa, fb = a - np.floor(a), b - np.floor(b)
+    if tex.kind == 2:  # dots of diameter 0.6 period
+        fa, fb = fa - np.float32(0.5), fb - np.float32(0.5)
+        return fa * fa + fb * fb < np.float32(0.09)
+    return (fa < np.float32(0.25)) | (fb < np.float32(0.25))  # grid lines 0.25 period wide
 
 
 def _paint(img: np.ndarray, rows: slice, cols: slice, inside: np.ndarray,
@@ -329,29 +323,29 @@ def _draw_clutter(img: np.ndarray, c: _Clutter) -> None:
     else:
         rr = u * u + v * v
         inside = (rr <= np.float32(c.a**2)) & (rr >= np.float32(c.b**2))
-    _paint(img, rows, cols, inside, _texture_pixels(c.fill, dx, dy))
+    _paint(img, rows, cols, inside, c.colour[:, None, None])
 
 
-def _draw_object(img: np.ndarray, o: _Object, parts_out: np.ndarray, draw_body: bool,
-                 draw_badge: bool) -> None:
-    """Paint an object (or some of its parts) and write its (body, badge) masks into the
-    zeroed ``parts_out`` (2, H, W), drawn or not."""
+def _draw_object(img: np.ndarray, o: _Object, parts_out: np.ndarray, draw: tuple[bool, bool]
+                 ) -> None:
+    """Paint an object's halves (those with ``draw`` True) and write both halves' masks into
+    the zeroed ``parts_out`` (2, H, W)."""
     rows, cols, dx, dy = _window(o.cx, o.cy, o.r)
     u, v = _rotate(dx, dy, o.cos, o.sin, o.r)
-    badge = u * u + v * v <= np.float32(_BADGE**2)
-    body = _shape_mask(o.label // 2, u, v) & ~badge
-    if draw_body:
-        _paint(img, rows, cols, body, o.body_colour[:, None, None])
-    if draw_badge:
-        _paint(img, rows, cols, badge, _texture_pixels(o.badge, dx, dy))
-    parts_out[0, rows, cols] = body
-    parts_out[1, rows, cols] = badge
+    inside = _silhouette(o.silhouette, u, v)
+    side = dx * np.float32(o.seam_cos) + dy * np.float32(o.seam_sin) >= 0
+    for k, (half, tex) in enumerate(zip((inside & side, inside & ~side), o.halves,
+                                        strict=True)):
+        if draw[k]:
+            tone = np.where(_dark(tex, dx, dy), tex.dark[:, None, None], tex.light[:, None, None])
+            _paint(img, rows, cols, half, tone)
+        parts_out[k, rows, cols] = half
 
 
 def _render(scene: _Scene, omit: frozenset[str], noise: bool, image_out: np.ndarray,
             parts_out: np.ndarray) -> None:
-    """Render into ``image_out`` (3, H, W) uint8 and each object's (body, badge) masks into
-    the zeroed ``parts_out`` (n_objects, 2, H, W)."""
+    """Render into ``image_out`` (3, H, W) uint8 and each object's half masks into the
+    zeroed ``parts_out`` (n_objects, 2, H, W)."""
     c0, c1, cos, sin = scene.background
     half = IMAGE_SIZE / 2
     span = np.float32(1 / (IMAGE_SIZE * math.sqrt(2)))
@@ -363,8 +357,7 @@ def _render(scene: _Scene, omit: frozenset[str], noise: bool, image_out: np.ndar
         _draw_clutter(img, c)
     for k, o in enumerate(scene.objects):
         drawn = ("target" if k == 0 else "other") not in omit
-        _draw_object(img, o, parts_out[k], drawn and "body" not in omit,
-                     drawn and "badge" not in omit)
+        _draw_object(img, o, parts_out[k], tuple(drawn and p not in omit for p in PARTS))
     if noise:
         y, x = scene.noise_offset
         img += np.float32(scene.noise_sigma) * _noise_bank()[:, y:y + IMAGE_SIZE, x:x + IMAGE_SIZE]
@@ -375,7 +368,7 @@ def _render(scene: _Scene, omit: frozenset[str], noise: bool, image_out: np.ndar
 
 
 def generate(split: str, indices: Iterable[int], seed: int, *, omit: Sequence[str] = (),
-             noise: bool = True) -> Generated:
+             noise: bool = True, parts: bool | None = None) -> Generated:
     """Generate images ``indices`` of ``split`` for ``seed`` (see the module docstring).
 
     Args:
@@ -383,9 +376,11 @@ def generate(split: str, indices: Iterable[int], seed: int, *, omit: Sequence[st
         indices: non-negative image numbers; image i is the same whatever else is asked for.
         seed: non-negative; each (seed, split) is an independent, endless stream of images.
         omit: re-render without some elements, for deletion tests and checks: "target" or
-            "other" (a whole object), "body" or "badge" (that part of every object). Masks,
-            labels and circles still describe the full scene.
+            "other" (a whole object), "first" or "second" (that half of every object; the
+            background shows through). Masks, labels and circles still describe the full
+            scene.
         noise: add the pixel noise (False gives exact, noise-free colours for tests).
+        parts: return the target's half masks (default: for the "parts" split only).
 
     Raises:
         ValueError: unknown split (the message lists the splits), unknown ``omit`` name, or
@@ -410,13 +405,14 @@ def generate(split: str, indices: Iterable[int], seed: int, *, omit: Sequence[st
             labels[j, k], circles[j, k] = o.label, (o.cx, o.cy, o.r)
     masks = torch.from_numpy(obj_parts[:, :, 0] | obj_parts[:, :, 1])
     pair = n_obj == 2
+    want_parts = split == "parts" if parts is None else parts
     return Generated(
         images=torch.from_numpy(images),
         labels=torch.from_numpy(labels[:, 0].copy()),
         masks=masks[:, 0].contiguous(),
         other_labels=torch.from_numpy(labels[:, 1].copy()),
         other_masks=masks[:, 1].contiguous() if pair else None,
-        parts=torch.from_numpy(obj_parts[:, 0]) if split == "parts" else None,
+        parts=torch.from_numpy(obj_parts[:, 0]) if want_parts else None,
         circles=torch.from_numpy(circles[:, 0].copy()),
         other_circles=torch.from_numpy(circles[:, 1].copy()) if pair else None,
     )
@@ -426,7 +422,8 @@ def generate(split: str, indices: Iterable[int], seed: int, *, omit: Sequence[st
 class SyntheticSample(Sample):
     """A :class:`Sample` with the class object's part masks (``"parts"`` split only).
 
-    parts: name ("body", "badge") -> bool (H, W) mask; their union is ``mask``.
+    parts: name ("first", "second") -> bool (H, W) mask of that half; their union is
+    ``mask``; "first" carries texture ``TEXTURES[CLASS_TEXTURES[label][0]]``.
     """
 
     parts: dict[str, torch.Tensor] | None = None

@@ -391,3 +391,39 @@ def attention_gradcam(adapter: ViTAdapter, images: torch.Tensor, targets: torch.
     row = (weights * a_row).mean(dim=1).clamp(min=0)
     return _patch_attribution("attention_gradcam", adapter, images, targets, row,
                               pass_cost(vp, reused))
+
+
+@dataclass(frozen=True)
+class TokenGradCamParams:
+    """Grad-CAM on the last block's tokens (no parameters)."""
+
+
+@register_method(
+    "gradcam",
+    params=TokenGradCamParams,
+    family="attention",
+    vit_only=True,
+    uses={"attention", "attention_grad"},
+    aliases=("GradCAM", "token_gradcam"),
+    paper="Selvaraju et al. 2017, 'Grad-CAM', ICCV; ViT form of pytorch-grad-cam "
+          "(last block's norm1 tokens reshaped to the patch grid)",
+    summary="ReLU(Σ_d w_d T_d) over the last block's patch tokens T, w_d = mean gradient.",
+)
+def gradcam(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
+            p: TokenGradCamParams, context: BatchContext) -> Attribution:
+    """Tokens T = norm1 output of the last block without prefix tokens, as a (D, gh, gw)
+    feature map; channel weights w_d = mean over patches of ∂y_c/∂T_d; map = max(Σ_d w_d T_d,
+    0). The original comparison's GradCAM (code only, not in its paper)."""
+    vp, reused = vit_pass(adapter, images, targets, context, gradients=True)
+    cap = vp.capture
+    tokens = cap.activations[-1].get("h1")
+    grad = cap.last_tokens_grad
+    if tokens is None or grad is None:
+        raise RuntimeError("the shared pass did not record the last block's tokens")
+    pre = adapter.num_prefix_tokens
+    tokens, grad = tokens.detach()[:, pre:], grad[:, pre:]
+    weights = grad.mean(dim=1, keepdim=True)  # (B, 1, D)
+    row = (tokens * weights).sum(dim=-1).clamp(min=0)  # (B, Np)
+    full_row = torch.cat([torch.zeros_like(row[:, :pre]), row], dim=1)
+    return _patch_attribution("gradcam", adapter, images, targets, full_row,
+                              pass_cost(vp, reused))

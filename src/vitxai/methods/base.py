@@ -34,13 +34,16 @@ class Cost:
     ``forward`` and ``backward`` count model passes *per image* (one image through the network
     once = 1), so they are comparable across batch sizes; ``seconds`` is the wall time of the
     whole batch; ``shared`` is true when the passes were reused from another method's call on
-    the same batch (they are then not spent again).
+    the same batch (they are then not spent again); ``peak_memory_mb`` is the peak CUDA
+    allocation during the call on a GPU, or on the CPU the process's peak resident memory
+    during the call (model and data included; Linux only, else None).
     """
 
     forward: int = 0
     backward: int = 0
     seconds: float = 0.0
     shared: bool = False
+    peak_memory_mb: float | None = None
 
 
 @dataclass
@@ -230,6 +233,30 @@ def resolve_targets(adapter: ModelAdapter, images: torch.Tensor,
     return t.cpu()
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the peak resident set size (VmHWM) of this process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_memory_mb(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def attribute(
     method: str,
     adapter: ModelAdapter,
@@ -270,10 +297,12 @@ def attribute(
     images = images.to(adapter.device, adapter.dtype)
     t = resolve_targets(adapter, images, targets)
     ctx = context or BatchContext.for_batch(images.shape[0], seed=seed, planned=[spec.name])
+    _reset_peak_memory(adapter.device)
     start = time.perf_counter()
     result = spec.fn(adapter, images, t, p, ctx)
     if not result.cost.seconds:
         result.cost.seconds = time.perf_counter() - start
+    result.cost.peak_memory_mb = _peak_memory_mb(adapter.device)
     # float32 results (bf16/fp16 runs included); float64 models keep float64 for exact tests
     dtype = torch.float64 if adapter.dtype == torch.float64 else torch.float32
     result.maps = result.maps.detach().to("cpu", dtype)

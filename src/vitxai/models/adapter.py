@@ -79,7 +79,9 @@ class Capture:
     ``attention[l]`` is block l's post-softmax attention (B, heads, N, N); ``attention_grad[l]``
     its gradient once a backward pass ran; ``activations[l]`` maps names to block l's tensors
     (see :data:`ACTIVATION_POINTS`); ``head_input`` is the (B, D) input of the classifier head
-    and ``head_dist_input`` that of the distillation head of a distilled DeiT.
+    and ``head_dist_input`` that of the distillation head of a distilled DeiT;
+    ``last_tokens_grad`` is the gradient of the last block's ``norm1`` output (token GradCAM),
+    recorded when both gradients and activations are captured.
     """
 
     depth: int
@@ -88,6 +90,7 @@ class Capture:
     activations: list[dict[str, torch.Tensor]] = field(default_factory=list)
     head_input: torch.Tensor | None = None
     head_dist_input: torch.Tensor | None = None
+    last_tokens_grad: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.attention = [None] * self.depth
@@ -197,6 +200,9 @@ class ViTAdapter(ModelAdapter):
 
             def hook_out(_m, _inp, out):
                 cap.activations[layer][name] = out
+                if (gradients and name == "h1" and layer == self.depth - 1
+                        and out.requires_grad):
+                    out.register_hook(lambda g: setattr(cap, "last_tokens_grad", g))
             return hook_out
 
         try:

@@ -30,6 +30,7 @@ METHOD_COLUMNS: dict[str, tuple[str, bool | None]] = {
     "other_mass_inside": ("mass on other object", False),
     "mask_fraction": ("mask area", None),
     "seconds_per_image": ("seconds / image", False),
+    "peak_memory_mb": ("peak memory (MB)", False),
     "forward_passes": ("forward passes", None),
     "backward_passes": ("backward passes", None),
 }
@@ -113,6 +114,11 @@ def _sections(root: Path) -> list[tuple[str, str, list, list, list[Path]]]:
                          "|M∩T|/|M|, 'object found' = |M∩T|/|T|; 'mass on other object' is "
                          "the share of positive attribution on the other class's object "
                          "(two-object split; lower is better).", header, rows, []))
+    else:
+        sections.append(("Agreement with the ground truth",
+                         f"Skipped: dataset {config['dataset'].get('name')!r} has no "
+                         "ground-truth masks (the bundled benchmark, --data synthetic, has).",
+                         [], [], []))
     for metric, label in (("iou", "IoU"), ("dice", "Dice"),
                           ("coverage", "coverage |A∩B|/|A| (row = A)")):
         m = sub["pairwise"][metric]
@@ -129,9 +135,11 @@ def _sections(root: Path) -> list[tuple[str, str, list, list, list[Path]]]:
         for title, table in ev.get("tables", {}).items():
             sections.append((title, table.get("text", ""), table["header"], table["rows"],
                              [root / f for f in table.get("figures", [])]))
-    cost_cols = [c for c in ("seconds_per_image", "forward_passes", "backward_passes")
-                 if c in columns]
-    sections.append(("Cost", "Model passes per image and wall seconds per image.",
+    cost_cols = [c for c in ("seconds_per_image", "forward_passes", "backward_passes",
+                             "peak_memory_mb") if c in columns]
+    sections.append(("Cost", "Model passes per image, wall seconds per image and peak memory "
+                     "(CUDA allocation on a GPU; on the CPU the process's peak resident memory "
+                     "during the method's call, model included).",
                      ["method"] + [METHOD_COLUMNS[c][0] for c in cost_cols],
                      [[n] + [_fmt(summary[n][c][0], 2) for c in cost_cols] for n in names], []))
     sections.append(("Configuration and versions", "",
