@@ -116,6 +116,8 @@ def run_config(adapter: ModelAdapter, dataset: ImageDataset, settings: CompareSe
     model = {"name": adapter.name, "is_vit": adapter.is_vit,
              "data_config": getattr(adapter, "data_config", {}),
              "device": str(adapter.device), "dtype": str(adapter.dtype)}
+    if getattr(adapter, "precision", "fp32") != "fp32":  # absent for fp32: old runs resume
+        model["precision"] = adapter.precision
     if adapter.is_vit:
         model |= {"depth": adapter.depth, "num_prefix_tokens": adapter.num_prefix_tokens,
                   "grid_size": list(adapter.grid_size), "patch_size": list(adapter.patch_size)}

@@ -1,9 +1,9 @@
 """Train the bundled benchmark ViT on freshly generated synthetic images.
 
 ``vitxai train-benchmark`` (or ``python -m vitxai.train``) trains a small timm
-``VisionTransformer`` on an endless stream of :mod:`vitxai.data.synthetic` "single" images
-(seed ``seed``; no image is seen twice), tests it on a fresh split generated with another seed,
-and writes ``benchmark_vit.safetensors``, ``benchmark_vit.json`` (the machine-readable card
+``VisionTransformer`` on an endless stream of :mod:`vitxai.data.synthetic` images (seed
+``seed``; no image is seen twice), tests it on fresh images generated with another seed, and
+writes ``benchmark_vit.safetensors``, ``benchmark_vit.json`` (the machine-readable card
 read by :mod:`vitxai.models.bundled`) and ``benchmark_vit.md`` into ``out_dir``.
 
 A ViT trained from scratch sits on a long loss plateau when, as here, no colour or other
@@ -12,7 +12,10 @@ first-order statistic carries the class. Two standard remedies make it fit in th
 * **Low-resolution first** (progressive resizing, as in FixRes / DeiT III): the first part
   of the budget trains on 112 × 112 crops that contain the whole class object (49 tokens,
   about 4× cheaper per image; ``dynamic_img_size`` resamples the position embedding), the
-  rest on the full 224 × 224 images the model is tested and explained on.
+  rest on the full 224 × 224 images the model is tested and explained on; a quarter of
+  those come from the "pair" split with target 1/2 on each object's class, so that the
+  model names both classes of a pair image (without them it reads a pair as a bag of four
+  textures and names neither).
 * **Token labelling** (Jiang et al. 2021, "All Tokens Matter"): an auxiliary linear head
   classifies every final patch token as background or as the texture of the object half
   covering it (>= 50 % of the patch; mixed patches are ignored). It is used only for
@@ -61,6 +64,7 @@ from vitxai.models.bundled import (
     BUNDLED_WEIGHTS,
     TRAIN_COMMAND,
     benchmark_accuracy,
+    pair_metrics,
 )
 from vitxai.models.loading import adapt
 
@@ -103,10 +107,12 @@ def _token_labels(parts: torch.Tensor, labels: torch.Tensor, patch: int) -> torc
     return target
 
 
-def _batch(seed: int, start: int, size: int, crop: int, patch: int
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _batch(seed: int, start: int, size: int, crop: int, patch: int, pairs: int = 0,
+           pair_start: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Training images ``start:start+size`` of split "single", cropped to ``crop`` pixels
-    around the object (whole image when crop >= 224): uint8 images, labels, token labels."""
+    around the object (whole image when crop >= 224), then ``pairs`` full images of split
+    "pair" from ``pair_start``. Returns uint8 images, class targets (B, 10) (one-hot, or 1/2
+    on each class of a pair) and token labels (B, P) (all ignored for pairs)."""
     g = generate("single", range(start, start + size), seed, parts=True)
     images, parts = g.images, g.parts
     if crop < IMAGE_SIZE:
@@ -123,7 +129,15 @@ def _batch(seed: int, start: int, size: int, crop: int, patch: int
                                                                            IMAGE_SIZE - crop))
             images[i] = g.images[i, :, y0:y0 + crop, x0:x0 + crop]
             parts[i] = g.parts[i, :, y0:y0 + crop, x0:x0 + crop]
-    return images, g.labels, _token_labels(parts, g.labels, patch)
+    targets = F.one_hot(g.labels, len(CLASS_NAMES)).float()
+    tokens = _token_labels(parts, g.labels, patch)
+    if pairs:
+        p = generate("pair", range(pair_start, pair_start + pairs), seed)
+        two = 0.5 * (F.one_hot(p.labels, len(CLASS_NAMES)) + F.one_hot(p.other_labels,
+                                                                      len(CLASS_NAMES)))
+        images, targets = torch.cat([images, p.images]), torch.cat([targets, two.float()])
+        tokens = torch.cat([tokens, torch.full((pairs, tokens.shape[1]), _IGNORE)])
+    return images, targets, tokens
 
 
 def train_benchmark_model(
@@ -133,6 +147,7 @@ def train_benchmark_model(
     time_budget_s: float = 1200.0,
     batch_size: int = 64,
     full_batch_size: int = 32,
+    pair_share: float = 0.25,
     crop_size: int = 112,
     crop_fraction: float = 0.55,
     lr: float = 2e-3,
@@ -154,6 +169,8 @@ def train_benchmark_model(
         time_budget_s: wall-clock seconds for the whole command; training gets all but a
             reserve for testing and writing (8 %, at least 5 s).
         batch_size, full_batch_size: images per step on crops / on full images.
+        pair_share: share of each full-image batch drawn from the "pair" split (targets 1/2
+            on each object's class), so the model names both objects of a pair image.
         crop_size, crop_fraction: side of the first phase's crops and its share of the
             training time.
         lr, weight_decay, warmup_steps: AdamW, linear warm-up, cosine decay over the time.
@@ -188,17 +205,22 @@ def train_benchmark_model(
     load_start = _load_average()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
-    seen = {"crops": 0, "full": 0}
+    seen = {"crops": 0, "full": 0, "pairs": 0}
     steps = {"crops": 0, "full": 0}
     running: float | None = None
-    step, index = 0, 0
+    step, index, pair_index = 0, 0, 0
+    n_pairs = round(pair_share * full_batch_size)
 
     def next_batch(phase: str) -> Any:
-        nonlocal index
-        size = batch_size if phase == "crops" else full_batch_size
-        crop = crop_size if phase == "crops" else IMAGE_SIZE
-        job = pool.submit(_batch, seed, index, size, crop, patch)
-        index += size
+        nonlocal index, pair_index
+        if phase == "crops":
+            job = pool.submit(_batch, seed, index, batch_size, crop_size, patch)
+            index += batch_size
+        else:
+            job = pool.submit(_batch, seed, index, full_batch_size - n_pairs, IMAGE_SIZE, patch,
+                              n_pairs, pair_index)
+            index += full_batch_size - n_pairs
+            pair_index += n_pairs
         return job
 
     bar = tqdm(total=round(train_budget), desc="train benchmark ViT", unit="s",
@@ -217,7 +239,7 @@ def train_benchmark_model(
                 phase = "full"
                 pending.cancel()
                 pending = next_batch(phase)
-            images, labels, tokens = pending.result()
+            images, targets, tokens = pending.result()
             pending = next_batch(phase)
             rate = min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(
                 1.0, frac)))
@@ -225,7 +247,7 @@ def train_benchmark_model(
                 group["lr"] = lr * rate
             feats = model.forward_features((images.float() - mean) / std)
             logits = model.forward_head(feats)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, targets)
             if token_label_weight > 0:
                 token_logits = aux_head(feats[:, model.num_prefix_tokens:]).flatten(0, 1)
                 tokens = tokens.flatten()
@@ -242,8 +264,10 @@ def train_benchmark_model(
             opt.step()
             step += 1
             steps[phase] += 1
-            seen[phase] += len(labels)
-            acc = float((logits.argmax(1) == labels).float().mean())
+            seen[phase] += len(targets) - (0 if phase == "crops" else n_pairs)
+            seen["pairs"] += 0 if phase == "crops" else n_pairs
+            # a hit: the top class is (one of) the image's class(es)
+            acc = float((targets.gather(1, logits.argmax(1, keepdim=True)) > 0).float().mean())
             running = acc if running is None else 0.95 * running + 0.05 * acc
             bar.n = min(round(time.perf_counter() - t0), bar.total)
             bar.set_postfix(phase=phase, step=step, loss=f"{loss.item():.3f}",
@@ -263,7 +287,9 @@ def train_benchmark_model(
                    "crop_mode": "center"}
     config = dict(data_config, input_size=tuple(data_config["input_size"]))
     t_test = time.perf_counter()
-    accuracy = benchmark_accuracy(adapt(final, BUNDLED_NAME, config), test_size, test_seed)
+    adapter = adapt(final, BUNDLED_NAME, config)
+    accuracy = benchmark_accuracy(adapter, test_size, test_seed)
+    pair_test = pair_metrics(adapter, max(1, test_size // 4), test_seed)
     test_s = time.perf_counter() - t_test
     torch.set_num_threads(saved_threads)
 
@@ -283,15 +309,18 @@ def train_benchmark_model(
         "seed": seed,
         "command": f"{TRAIN_COMMAND}{out_opt} --seed {seed} --time-budget {time_budget_s:g}",
         "training": {
-            "data": {"split": "single", "seed": seed, "generator_version": GENERATOR_VERSION,
-                     "images_seen": seen["crops"] + seen["full"], "each_image_once": True},
+            "data": {"splits": ["single", "pair"], "seed": seed,
+                     "generator_version": GENERATOR_VERSION,
+                     "images_seen": seen["crops"] + seen["full"] + seen["pairs"],
+                     "each_image_once": True},
             "phases": [
                 {"input": f"{crop_size}x{crop_size} crops holding the whole object",
                  "share_of_time": crop_fraction, "batch_size": batch_size,
                  "steps": steps["crops"], "images": seen["crops"]},
-                {"input": f"full {IMAGE_SIZE}x{IMAGE_SIZE} images",
+                {"input": f"full {IMAGE_SIZE}x{IMAGE_SIZE} images, {n_pairs} of each batch "
+                          f"from the pair split",
                  "share_of_time": round(1 - crop_fraction, 4), "batch_size": full_batch_size,
-                 "steps": steps["full"], "images": seen["full"]},
+                 "steps": steps["full"], "images": seen["full"], "pair_images": seen["pairs"]},
             ],
             "token_labelling": {
                 "weight": token_label_weight,
@@ -311,7 +340,7 @@ def train_benchmark_model(
                         "load_average_at_end": load_end},
         },
         "test": {"split": "single", "seed": test_seed, "size": test_size,
-                 "accuracy": round(accuracy, 4)},
+                 "accuracy": round(accuracy, 4), "pair": pair_test},
         "versions": {"vitxai": vitxai.__version__, "torch": torch.__version__,
                      "timm": timm.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
@@ -329,6 +358,10 @@ def _markdown(card: dict[str, Any]) -> str:
     tr, te, m = card["training"], card["test"], card["model"]
     kw, opt, mach = m["kwargs"], tr["optimizer"], tr["machine"]
     crops, full = tr["phases"]
+    pair = te["pair"]
+    loads = [x for x in (mach["load_average_at_start"], mach["load_average_at_end"]) if x]
+    busy = mach["cores"] and loads and max(loads) > mach["cores"]
+    shared = " (above the core count: the machine was shared)" if busy else ""
     classes = ", ".join(f"{k} {v}" for k, v in card["classes"].items())
     return f"""# {card['name']}
 
@@ -346,19 +379,23 @@ mlp_ratio {kw['mlp_ratio']}, {m['parameters']:,} parameters |
 std {card['data_config']['std']}, values in [0, 1] before normalisation |
 | **test accuracy** | **{te['accuracy']:.4f}** on {te['size']} fresh images \
 (split {te['split']}, seed {te['seed']}) |
+| pair images | top-2 logits = the two objects' classes on {pair['top2_both']:.1%}, \
+top-1 = one of them on {pair['top1_either']:.1%} ({pair['size']} fresh images, \
+seed {pair['seed']}) |
 | training data | {tr['data']['images_seen']:,} generated images, each seen once \
-(split single, seed {tr['data']['seed']}): {crops['images']:,} as {crops['input']} \
-({crops['steps']} steps of {crops['batch_size']}), then {full['images']:,} {full['input']} \
-({full['steps']} steps of {full['batch_size']}) |
+(seed {tr['data']['seed']}): {crops['images']:,} single-object images as {crops['input']} \
+({crops['steps']} steps of {crops['batch_size']}), then {full['images']:,} single-object and \
+{full['pair_images']:,} pair images at full size ({full['steps']} steps of \
+{full['batch_size']}) |
 | optimiser | AdamW lr {opt['lr']}, wd {opt['weight_decay']}, {opt['schedule']}, \
 gradient clipping {opt['grad_clip_norm']} |
 | auxiliary loss | token labelling, weight {tr['token_labelling']['weight']}: \
 {tr['token_labelling']['target']} |
 | training time | {tr['wall_time_s'] / 60:.1f} min wall ({tr['cpu_time_s'] / 60:.1f} min CPU) \
-of a {tr['time_budget_s'] / 60:g}-min budget; whole command \
+of a {tr['time_budget_s'] / 60:.1f}-min budget; whole command \
 {tr['command_wall_time_s'] / 60:.1f} min; {mach['cores']} cores × {mach['cpu']}, \
 {mach['torch_threads']} torch threads; load average {mach['load_average_at_start']} at \
-start, {mach['load_average_at_end']} at end (above the core count: shared machine) |
+start, {mach['load_average_at_end']} at end{shared} |
 | versions | torch {card['versions']['torch']}, timm {card['versions']['timm']}, \
 vitxai {card['versions']['vitxai']} |
 | weights | `{card['weights']['file']}`, {card['weights']['bytes'] / 1e6:.2f} MB, \

@@ -33,8 +33,9 @@ object is drawn last, so its mask is exactly its visible pixels.
   omit=("first",))`` re-renders an image without that half, for part-deletion tests.
 
 Generation is deterministic: image ``i`` of ``(split, seed)`` depends only on
-``(seed, split, i)``, never on which other images are generated with it. Speed: about 800
-images per second per core (numpy; each element is drawn inside its bounding window only).
+``(seed, split, i)``, never on which other images are generated with it. Speed: 500–800
+images per second on one core (numpy; each element is drawn inside its bounding window, so
+no pixel is visited more than a few times).
 """
 
 from __future__ import annotations

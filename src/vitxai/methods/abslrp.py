@@ -24,6 +24,9 @@ sample. Each rule below writes x ⊙ Jᵀ_{y+y_abs} in closed form:
   derivative of whichever activation the block uses is exact.
 
 Two-input operations split P⁺ (P⁻) between their inputs in proportion to each input's ΣG⁺ (ΣG⁻).
+The read-out is one linear layer on the read-out tokens: the class token, or for a distilled DeiT
+the class and distillation tokens, whose eval output (head(CLS) + head_dist(DIST))/2 is linear in
+[CLS; DIST] (:func:`readout_rule`).
 The linear, product, add, LayerScale and activation rules have sign-definite G⁺ ≥ 0 ≥ G⁻, so they
 conserve the positive and the negative mass separately (whenever that stream's ΣG is non-zero);
 LayerNorm and softmax multiply by the signed input x, so there only each stream's L1 mass is kept
@@ -133,6 +136,43 @@ def linear_rule(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                                             _scaled(relevance, y))])[0]
 
 
+def readout_rule(inputs: Sequence[torch.Tensor], heads: Sequence[nn.Linear],
+                 relevance: torch.Tensor) -> list[torch.Tensor]:
+    """The token read-out y = (1/k)·Σ_h (x_h W_hᵀ + b_h) of k linear heads on k tokens.
+
+    One head (class token) is :func:`linear_rule`. Two heads are the distilled DeiT's eval output
+    (head(CLS) + head_dist(DIST))/2, a single linear map of the concatenation [CLS; DIST] with
+    weight [W₁/2, W₂/2]: each token gets G_h,i = Σ_j 2(x_h,i w_h,ji / k)⁺ s_j with s = R/|y| of the
+    averaged logits, and P± is split between the tokens in proportion to their ΣG± (as every
+    two-input rule here; since a linear map's G± are sign-definite, this equals the linear rule
+    on the concatenation, bias excluded).
+    The literal composition (add rule on the two half-logits, then each head) would weigh the
+    heads by the signs of the half-logits themselves: a target whose logit is negative in both
+    heads would pass no positive relevance at all, where a single head's linear rule still
+    passes it through the positive contributions.
+
+    Args:
+        inputs: k tensors (B, D), the inputs of the heads.
+        heads: the k linear heads (out = C).
+        relevance: (B, C) relevance of the read-out.
+
+    Returns:
+        k tensors (B, D), the relevance of each read-out token.
+    """
+    k = len(heads)
+    if k == 1:
+        return [linear_rule(inputs[0], heads[0].weight, heads[0].bias, relevance)]
+    dtype = relevance.dtype
+    weights = [h.weight.to(dtype) for h in heads]
+    y = sum(F.linear(x, w, None if h.bias is None else h.bias.to(dtype))
+            for x, w, h in zip(inputs, weights, heads, strict=True)) / k
+    s = _scaled(relevance, y)
+    return share(relevance, [
+        _split_by_sign(lambda t, x=x, wt=w.T / k: _positive_product(x, wt, t), s)
+        for x, w in zip(inputs, weights, strict=True)
+    ])
+
+
 def matmul_rule(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = a @ b (batched, twin |a| @ |b|): R (…, n, m) → (R_a (…, n, k), R_b (…, k, m)).
@@ -230,13 +270,25 @@ def patch_conv_rule(images: torch.Tensor, conv: nn.Conv2d, relevance: torch.Tens
 
 def _method_error(adapter: ModelAdapter, what: str) -> ValueError:
     return ValueError(
-        f"abslrp supports class-token timm ViTs with a linear head and standard blocks; "
-        f"{adapter.name!r} {what}"
+        "abslrp supports class-token (or distilled) timm ViTs with linear heads and standard "
+        f"blocks; {adapter.name!r} {what}"
     )
 
 
 def _is(module: nn.Module | None, *names: str) -> bool:
     return module is not None and type(module).__name__ in names
+
+
+def _heads(adapter: ViTAdapter) -> list[nn.Module]:
+    """The heads reading tokens 0, 1, …: [head], or [head, head_dist] for a distilled DeiT."""
+    model = adapter.model
+    return [model.head, model.head_dist] if adapter.distilled else [model.head]
+
+
+def _prefix_tokens(model: nn.Module) -> list[torch.Tensor]:
+    """The learned prefix tokens in timm's order: CLS, then DIST (DeiT) or the registers."""
+    names = ("cls_token", "dist_token", "reg_token")
+    return [t for t in (getattr(model, n, None) for n in names) if t is not None]
 
 
 def _check_supported(adapter: ModelAdapter) -> None:
@@ -245,10 +297,13 @@ def _check_supported(adapter: ModelAdapter) -> None:
         raise _method_error(adapter, "is not a timm VisionTransformer")
     model = adapter.model
     if getattr(model, "cls_token", None) is None or adapter.global_pool != "token" \
-            or adapter.distilled or getattr(model, "attn_pool", None) is not None:
-        raise _method_error(adapter, "does not read out a single class token")
-    if not isinstance(model.get_classifier(), nn.Linear) or not _is(model.fc_norm, "Identity"):
+            or getattr(model, "attn_pool", None) is not None:
+        raise _method_error(adapter, "does not read out a class token")
+    if not all(isinstance(h, nn.Linear) for h in _heads(adapter)) \
+            or not _is(model.fc_norm, "Identity"):
         raise _method_error(adapter, "has no plain linear head on the class token")
+    if sum(t.shape[1] for t in _prefix_tokens(model)) != adapter.num_prefix_tokens:
+        raise _method_error(adapter, "has prefix tokens its stem does not all prepend")
     for name in ("norm", "norm_pre"):
         norm = getattr(model, name, None)
         if not (_is(norm, "Identity") or isinstance(norm, nn.LayerNorm)):
@@ -291,8 +346,7 @@ def stem_tokens(model: nn.Module, images: torch.Tensor
                        None if conv.bias is None else conv.bias.to(images.dtype),
                        stride=conv.stride).flatten(2).transpose(1, 2)
     b = images.shape[0]
-    prefix = [t.to(images.dtype).expand(b, -1, -1)
-              for t in (model.cls_token, getattr(model, "reg_token", None)) if t is not None]
+    prefix = [t.to(images.dtype).expand(b, -1, -1) for t in _prefix_tokens(model)]
     pos = model.pos_embed
     return (torch.cat(prefix, dim=1), patches,
             None if pos is None else pos.to(images.dtype))
@@ -305,7 +359,8 @@ class AbsLRPPass:
     Attributes:
         pixels: (B, 3, H, W) relevance of the model's normalised input.
         patch_tokens: (B, Np, D) relevance entering the patch conv (its output).
-        prefix_tokens: (B, P, D) relevance left on the class (and register) tokens, dropped.
+        prefix_tokens: (B, P, D) relevance left on the prefix tokens (class, distillation,
+            registers), dropped.
         pos_embed: (B, N or Np, D) relevance the position-embedding add gave to the embedding
             itself, dropped; None for models without one.
         block_input: per block l, (B, N, D) relevance of the block's input.
@@ -364,16 +419,18 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _propagate(adapter: ViTAdapter, cap: Capture, images: torch.Tensor, seed: torch.Tensor
                ) -> AbsLRPPass:
-    """head → CLS → final norm → blocks in reverse → norm_pre → pos-embed add → patch conv."""
+    """head(s) → CLS (and DIST) → final norm → blocks in reverse → norm_pre → pos-embed add →
+    patch conv."""
     model = adapter.model
     dtype = images.dtype
     acts = [{name: t.to(dtype) for name, t in a.items()} for a in cap.activations]
-    head = model.get_classifier()
-    head_in = cap.head_input.to(dtype)
-    r_cls = linear_rule(head_in, head.weight, head.bias, seed.to(dtype))
+    head_inputs = [cap.head_input] + ([cap.head_dist_input] if adapter.distilled else [])
+    r_readout = readout_rule([x.to(dtype) for x in head_inputs], _heads(adapter),
+                             seed.to(dtype))
     last = acts[-1]["x1"] + acts[-1]["b2"]  # final-norm input = last block's output
     relevance = torch.zeros_like(last)
-    relevance[:, 0] = r_cls  # token pooling reads the class token only
+    for i, r in enumerate(r_readout):  # token pooling reads CLS (and DIST) only
+        relevance[:, i] = r
     if isinstance(model.norm, nn.LayerNorm):
         relevance = layernorm_rule(last, model.norm, relevance)
     block_input: list[torch.Tensor] = []
@@ -418,8 +475,8 @@ def relevance_pass(adapter: ViTAdapter, images: torch.Tensor, seeds: Sequence[to
     """
     _check_supported(adapter)
     dtype = _work_dtype(adapter.dtype)
-    with adapter.capture(activations=True) as cap:
-        adapter.logits(images)
+    with adapter.full_precision(), adapter.capture(activations=True) as cap:
+        adapter.logits(images)  # float32 under bf16 too: the rules amplify bf16 rounding
     normalised = adapter.normalize(images).to(dtype)
     return [_propagate(adapter, cap, normalised, seed) for seed in seeds]
 

@@ -40,10 +40,11 @@ def vit_pass(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
              context: BatchContext, *, gradients: bool) -> tuple[ViTPass, bool]:
     """The batch's shared attention pass; returns (pass, reused).
 
-    The pass is computed once per batch. It includes gradients and activations when this call
-    needs them or when any method planned for the batch declares ``"attention_grad"`` in its
-    ``uses`` — so rollout followed by Chefer costs one forward and one backward, not two
-    forwards.
+    The pass is computed once per batch, in float32 whatever the adapter's ``precision``
+    (see :meth:`~vitxai.models.adapter.ModelAdapter.full_precision`). It includes gradients
+    and activations when this call needs them or when any method planned for the batch
+    declares ``"attention_grad"`` in its ``uses`` — so rollout followed by Chefer costs one
+    forward and one backward, not two forwards.
     """
     cached = context.cache.get("vit_pass")
     if cached is not None and (cached.has_gradients or not gradients) and torch.equal(
@@ -52,7 +53,9 @@ def vit_pass(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
         return cached, True
     full = gradients or context.plans("attention_grad")
     start = time.perf_counter()
-    with adapter.capture(gradients=full, activations=full) as cap:
+    # float32 even under precision="bf16": the relevance rules amplify bf16 rounding of the
+    # activations (ModelAdapter.full_precision), and this is one pass per batch
+    with adapter.full_precision(), adapter.capture(gradients=full, activations=full) as cap:
         if full:
             x = images.detach().requires_grad_(True)
             logits = adapter.logits(x)
@@ -61,6 +64,7 @@ def vit_pass(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
         else:
             with torch.inference_mode():
                 logits = adapter.logits(images)
+    cap.upcast()  # a half-precision model records half tensors; every rule runs in float32
     cap.attention_maps()  # fail loudly when a block was not captured
     if full:
         cap.gradient_maps()

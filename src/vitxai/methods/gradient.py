@@ -2,11 +2,12 @@
 
 Saliency, Input×Gradient, Integrated Gradients (also with the IDSDS uniform baseline, "IG-U"),
 SmoothGrad over IxG or IG, and GradientSHAP all evaluate ∂y_c/∂x at one or many points per
-image. :func:`input_gradients` streams all points of a batch through the model in chunks of
-``internal_batch_size`` (parameters frozen, so backward only reaches the input), and
-:func:`path_gradient_sum` lays the points out. We do not call captum here: its GradientShap and
-NoiseTunnel draw one random stream for the whole batch (a batch then differs from its images one
-by one) and its methods cannot share the kernel; captum is used in the tests as the reference.
+image. :func:`path_gradient_sum` lays the points out and streams them through the model in
+chunks of ``internal_batch_size`` (:func:`target_gradient` per chunk; parameters frozen, so
+backward only reaches the input), halving the chunk when it runs out of memory. We do not call
+captum here: its GradientShap and NoiseTunnel draw one random stream for the whole batch (a
+batch then differs from its images one by one) and its methods cannot share the kernel; captum
+is used in the tests as the reference.
 
 Maps: ``maps`` is the channel sum (B, H, W), which keeps IG's completeness; ``channels`` holds
 the (B, 3, H, W) attribution so that the unified mask can clip before the channel mean.
@@ -25,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from vitxai.batching import AdaptiveBatch, run_chunked
 from vitxai.methods.base import Attribution, BatchContext, Cost, check_range, register_method
 from vitxai.models.adapter import ModelAdapter
 
@@ -86,35 +88,40 @@ def make_baseline(adapter: ModelAdapter, images: torch.Tensor, baseline: Baselin
     return adapter.mean + adapter.std * u
 
 
+def target_gradient(adapter: ModelAdapter, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """∂y_t/∂x (M, 3, H, W) for points x (M, 3, H, W) and targets t (M,): one forward and one
+    backward. y is the pre-softmax output; samples are independent in eval mode, so one
+    backward of Σ_m y_{m, t_m} yields every point's gradient."""
+    x = x.detach().requires_grad_(True)
+    y = adapter.logits(x)
+    (grad,) = torch.autograd.grad(y.gather(1, t.to(y.device)[:, None]).sum(), x)
+    return grad
+
+
 def input_gradients(adapter: ModelAdapter, points: Iterator[torch.Tensor],
                     targets: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """For each chunk of points (M, 3, H, W) and targets (M,), yield ∂y_t/∂x (M, 3, H, W).
-
-    y is the pre-softmax output. Samples are independent in eval mode, so one backward of
-    Σ_m y_{m, t_m} yields every point's gradient.
-    """
+    """For each chunk of points (M, 3, H, W) and targets (M,), yield ∂y_t/∂x (M, 3, H, W)
+    (:func:`target_gradient` per chunk)."""
     for x, t in zip(points, targets, strict=True):
-        x = x.detach().requires_grad_(True)
-        y = adapter.logits(x)
-        (grad,) = torch.autograd.grad(y.gather(1, t.to(y.device)[:, None]).sum(), x)
-        yield grad
-
-
-def _chunked(total: int, size: int, make: Callable[[int, int], torch.Tensor]
-             ) -> Iterator[torch.Tensor]:
-    for start in range(0, total, size):
-        yield make(start, min(start + size, total))
+        yield target_gradient(adapter, x, t)
 
 
 def path_gradient_sum(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
                       starts: torch.Tensor, ends: torch.Tensor, alphas: torch.Tensor,
-                      weights: torch.Tensor, internal_batch_size: int) -> torch.Tensor:
+                      weights: torch.Tensor, internal_batch_size: int,
+                      batcher: AdaptiveBatch | None = None) -> torch.Tensor:
     """Σ_k w_k ∇y(start + α_k (end − start)) per image, with per-image α and w.
+
+    The B·K points are evaluated in chunks of ``internal_batch_size``; a chunk that runs out of
+    memory is retried at half the size, kept for the rest of the call
+    (:func:`vitxai.batching.run_chunked`).
 
     Args:
         images: only its batch size matters here (B).
         starts, ends: (B, K, 3, H, W) or broadcastable (B, 1, 3, H, W) path endpoints.
         alphas, weights: (B, K) interpolation points and their weights.
+        batcher: optional :class:`~vitxai.batching.AdaptiveBatch` used instead of a fresh one
+            (``internal_batch_size`` is then ignored); its ``size`` tells where it settled.
 
     Returns:
         (B, K, 3, H, W) gradients weighted by ``weights`` (not summed, so callers may pair them
@@ -134,11 +141,12 @@ def path_gradient_sum(adapter: ModelAdapter, images: torch.Tensor, targets: torc
         return s + flat_alpha[lo:hi].view(-1, 1, 1, 1) * (e - s)
 
     flat_targets = targets.repeat_interleave(k)
-    grads = torch.cat(list(input_gradients(
-        adapter,
-        _chunked(total, internal_batch_size, make_points),
-        _chunked(total, internal_batch_size, lambda lo, hi: flat_targets[lo:hi]),
-    )))
+
+    def chunk_gradients(lo: int, hi: int) -> torch.Tensor:
+        return target_gradient(adapter, make_points(lo, hi), flat_targets[lo:hi])
+
+    grads = torch.cat(run_chunked(chunk_gradients, total, internal_batch_size,
+                                  batcher=batcher))
     return grads.reshape(b, k, *shape) * weights.to(grads).view(b, k, 1, 1, 1)
 
 

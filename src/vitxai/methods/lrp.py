@@ -339,19 +339,23 @@ def chefer_full_lrp(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Te
                     p: FullLrpParams, context: BatchContext) -> Attribution:
     model = adapter.model
     pe = model.patch_embed
-    if (getattr(model, "no_embed_class", False) or model.pos_embed is None
-            or type(model.norm_pre).__name__ != "Identity"
+    if (model.pos_embed is None or type(model.norm_pre).__name__ != "Identity"
             or type(pe.norm).__name__ != "Identity" or tuple(pe.proj.stride) != adapter.patch_size):
         raise ValueError(f"chefer_full_lrp needs a plain timm ViT embedding ({adapter.name!r})")
     from vitxai.methods.gradient import pixel_attribution
 
     vp, reused, rel = _relevance(adapter, images, targets, context, 0)
     with torch.no_grad():
-        x0 = vp.capture.activations[0]["x"]
+        x0, r0 = vp.capture.activations[0]["x"], rel.block_input_relevance[0]
+        if getattr(model, "no_embed_class", False):
+            # pos_embed is added to the patches only (DeiT-3, DINOv2): the prefix tokens'
+            # relevance stays on them, the add splits that of the patches
+            prefix = adapter.num_prefix_tokens
+            x0, r0 = x0[:, prefix:], r0[:, prefix:]
         pos = model.pos_embed.expand_as(x0)
-        r_tokens, _ = residual_rule(x0 - pos, pos, rel.block_input_relevance[0])
+        r_tokens, _ = residual_rule(x0 - pos, pos, r0)
         gh, gw = adapter.grid_of(images)
-        r_patch = r_tokens[:, adapter.num_prefix_tokens:].transpose(1, 2)
+        r_patch = r_tokens[:, -gh * gw:].transpose(1, 2)
         r_patch = r_patch.reshape(images.shape[0], -1, gh, gw)
         channels = patch_embedding_rule(adapter.normalize(images), pe.proj.weight, r_patch,
                                         adapter.patch_size)

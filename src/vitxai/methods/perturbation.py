@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitxai.batching import AdaptiveBatch, run_chunked
 from vitxai.methods.base import Attribution, BatchContext, Cost, check_range, register_method
 from vitxai.methods.gradient import Baseline, check_baseline, make_baseline
 
@@ -273,11 +274,14 @@ def evaluate_masks(
     valid: torch.Tensor | None = None,
     on_chunk: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
     | None = None,
+    batcher: AdaptiveBatch | None = None,
 ) -> torch.Tensor:
     """The model's target output on n masked copies of every image (the perturbation engine).
 
     Rows (image b, copy j) are evaluated in chunks of ``batch_size``; ``masks`` builds only the
-    chunk's masks, so memory is bounded by ``batch_size`` images whatever B·n is.
+    chunk's masks, so memory is bounded by ``batch_size`` images whatever B·n is. A chunk that
+    runs out of memory is retried at half the size, which is then kept for the rest of the
+    call (:func:`vitxai.batching.run_chunked`).
 
     Args:
         adapter: the model (a ViT adapter when ``space="tokens"``).
@@ -298,6 +302,9 @@ def evaluate_masks(
         on_chunk: optional ``on_chunk(bi, ji, keep, y)`` called after each chunk with its
             masks and (M,) float64 outputs on the device (RISE accumulates its saliency here,
             so masks are built once).
+        batcher: optional :class:`~vitxai.batching.AdaptiveBatch` to use instead of a fresh
+            one of ``batch_size`` (then ``batch_size`` is ignored); read its ``size`` afterwards
+            for the batch size the call settled on.
 
     Returns:
         (B, n) float64 CPU outputs; NaN where ``valid`` is False.
@@ -311,26 +318,35 @@ def evaluate_masks(
     result = torch.full((b, n), float("nan"), dtype=torch.float64)
     size = (images.shape[-2], images.shape[-1])
     masking = token_masking(adapter, size, token_fill) if space == "tokens" else nullcontext(None)
+
+    def evaluate(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                            torch.Tensor, torch.Tensor]:
+        chunk = rows[lo:hi]
+        bi, ji = chunk[:, 0].to(device), chunk[:, 1].to(device)
+        keep = masks(bi, ji)
+        if tokens is not None:
+            tokens.keep = keep
+            x = images[bi]
+        else:
+            fill = baseline[bi] if baseline.shape[0] > 1 else baseline
+            # where() for binary masks so that kept pixels are bit-identical to the input
+            x = (torch.where(keep, images[bi], fill) if keep.dtype == torch.bool
+                 else keep * images[bi] + (1 - keep) * fill)
+        # Upcast before the softmax: half-precision probabilities near 0 or 1 lose digits.
+        logits = adapter.logits(x).double()
+        if output == "probability":
+            logits = logits.softmax(dim=1)
+        return chunk, bi, ji, keep, logits.gather(1, tgt[bi, None])[:, 0]
+
+    def store(_lo: int, _hi: int, out: tuple[torch.Tensor, ...]) -> None:
+        # side effects outside the out-of-memory retry, so a retried chunk counts once
+        chunk, bi, ji, keep, y = out
+        result[chunk[:, 0], chunk[:, 1]] = y.cpu()
+        if on_chunk is not None:
+            on_chunk(bi, ji, keep, y)
+
     with torch.inference_mode(), masking as tokens:
-        for chunk in rows.split(batch_size):
-            bi, ji = chunk[:, 0].to(device), chunk[:, 1].to(device)
-            keep = masks(bi, ji)
-            if tokens is not None:
-                tokens.keep = keep
-                x = images[bi]
-            else:
-                fill = baseline[bi] if baseline.shape[0] > 1 else baseline
-                # where() for binary masks so that kept pixels are bit-identical to the input
-                x = (torch.where(keep, images[bi], fill) if keep.dtype == torch.bool
-                     else keep * images[bi] + (1 - keep) * fill)
-            # Upcast before the softmax: half-precision probabilities near 0 or 1 lose digits.
-            logits = adapter.logits(x).double()
-            if output == "probability":
-                logits = logits.softmax(dim=1)
-            y = logits.gather(1, tgt[bi, None])[:, 0]
-            result[chunk[:, 0], chunk[:, 1]] = y.cpu()
-            if on_chunk is not None:
-                on_chunk(bi, ji, keep, y)
+        run_chunked(evaluate, len(rows), batch_size, consume=store, batcher=batcher)
     return result
 
 

@@ -14,9 +14,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
+
+Precision = Literal["fp32", "bf16"]
+_PRECISIONS: dict[str, Precision] = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16",
+                                     "bfloat16": "bf16"}
 
 
 class ModelAdapter:
@@ -29,6 +34,10 @@ class ModelAdapter:
         mean, std: the model's own normalisation (from its timm data config).
         input_size: (H, W) the model expects.
         name: for messages and run records.
+
+    Attributes:
+        precision: "fp32" (default) or "bf16", the arithmetic of the model's forward passes
+            (:meth:`set_precision`); ``dtype`` stays the parameters' and inputs' dtype.
     """
 
     is_vit = False
@@ -46,10 +55,52 @@ class ModelAdapter:
         self.mean = torch.tensor(mean, dtype=self.dtype, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=self.dtype, device=self.device).view(1, 3, 1, 1)
         self.num_classes = int(getattr(model, "num_classes", 0) or 0)
+        self.precision: Precision = "fp32"
+
+    def set_precision(self, precision: str) -> ModelAdapter:
+        """Run the model's forward passes in "fp32" (default) or "bf16" (returns self).
+
+        Under "bf16", :meth:`logits` runs the model inside ``torch.autocast`` with bfloat16 on
+        the adapter's device type (CPU or GPU) and returns float32 logits; inputs, gradients
+        with respect to them, masks, relevance rules and solves stay float32. On CPUs with
+        AMX or AVX512-BF16 this is 2–3× faster (environment.md §5); elsewhere it may be slower.
+        It speeds up the methods that evaluate the model many times (perturbation and gradient
+        methods); the one shared pass of the attention and LRP methods stays float32 (see
+        :meth:`full_precision`). Aliases: "float32", "bfloat16".
+
+        Raises:
+            ValueError: an unknown name, or "bf16" on a model that is not float32.
+        """
+        key = _PRECISIONS.get(str(precision).lower())
+        if key is None:
+            raise ValueError(f"precision {precision!r} must be one of 'fp32', 'bf16'")
+        if key == "bf16" and self.dtype != torch.float32:
+            raise ValueError(f"precision 'bf16' needs a float32 model; this one is {self.dtype}")
+        self.precision = key
+        return self
+
+    @contextmanager
+    def full_precision(self) -> Iterator[ModelAdapter]:
+        """Run :meth:`logits` in float32 inside the block, whatever :attr:`precision` says.
+
+        The shared pass of the attention and relevance methods uses it: relevance rules divide
+        by sums of activations that nearly cancel, so bf16 rounding of the activations (≈ 0.4 %)
+        can change their maps completely (chefer2021a: r down to −0.3 against fp32 on small
+        trained ViTs), while that pass is a single forward and backward per batch.
+        """
+        saved = self.precision
+        self.precision = "fp32"
+        try:
+            yield self
+        finally:
+            self.precision = saved
 
     def to(self, device: str | torch.device | None = None,
            dtype: torch.dtype | None = None) -> ModelAdapter:
         """Move the model and normalisation constants (returns self)."""
+        if dtype is not None and dtype != torch.float32 and self.precision == "bf16":
+            raise ValueError(f"cannot cast a model in precision 'bf16' to {dtype}; "
+                             "call set_precision('fp32') first")
         self.model.to(device=device, dtype=dtype)
         self.mean = self.mean.to(device=device, dtype=dtype)
         self.std = self.std.to(device=device, dtype=dtype)
@@ -62,8 +113,17 @@ class ModelAdapter:
         return (images - self.mean) / self.std
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Pre-softmax outputs (B, C) for unnormalised images; differentiable."""
-        return self.model(self.normalize(images))
+        """Pre-softmax outputs (B, C) for unnormalised images; differentiable.
+
+        Under ``precision="bf16"`` the model runs in bfloat16 autocast and the logits come back
+        as float32 (see :meth:`set_precision`).
+        """
+        x = self.normalize(images)
+        if self.precision == "bf16":
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16):
+                y = self.model(x)
+            return y.float()
+        return self.model(x)
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -96,6 +156,27 @@ class Capture:
         self.attention = [None] * self.depth
         self.attention_grad = [None] * self.depth
         self.activations = [{} for _ in range(self.depth)]
+
+    def upcast(self) -> Capture:
+        """Cast every captured bfloat16/float16 tensor to float32 in place (returns self).
+
+        Under ``precision="bf16"`` the recorded attention, gradients and activations are
+        bfloat16; the relevance rules and rollouts divide and accumulate, so they run on
+        float32 copies (detached: call this after the backward pass). The half-precision
+        originals are dropped.
+        """
+        def up(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None or t.dtype not in (torch.bfloat16, torch.float16):
+                return t
+            return t.detach().float()
+
+        self.attention = [up(a) for a in self.attention]
+        self.attention_grad = [up(g) for g in self.attention_grad]
+        self.activations = [{k: up(v) for k, v in a.items()} for a in self.activations]
+        self.head_input = up(self.head_input)
+        self.head_dist_input = up(self.head_dist_input)
+        self.last_tokens_grad = up(self.last_tokens_grad)
+        return self
 
     def attention_maps(self) -> list[torch.Tensor]:
         """All blocks' attention; fails loudly when a block was not captured."""

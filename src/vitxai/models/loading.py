@@ -119,6 +119,7 @@ def load_model(
     checkpoint: str | Path | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    precision: str = "fp32",
     **model_kwargs: Any,
 ) -> ModelAdapter:
     """Build timm model ``name`` and wrap it in an adapter.
@@ -131,6 +132,8 @@ def load_model(
         device: where the model runs.
         seed: seeds the random initialisation of a model built without weights, so that
             random-weight runs are reproducible (the global torch RNG is left untouched).
+        precision: "fp32" or "bf16" (bfloat16 autocast forward passes, float32 results), see
+            :meth:`~vitxai.models.adapter.ModelAdapter.set_precision`.
         **model_kwargs: passed to ``timm.create_model`` (img_size, num_classes, ...).
 
     Raises:
@@ -163,4 +166,4 @@ def load_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=False, **model_kwargs)
-    return adapt(model.to(device), name)
+    return adapt(model.to(device), name).set_precision(precision)
