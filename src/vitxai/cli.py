@@ -337,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     c.add_argument("--precision", default="float32", choices=["float32", "bf16", "float64"],
                    help="float32 (default); bf16: forward passes in bfloat16 autocast, 2-3x "
-                        "faster on CPUs with AMX/AVX512-BF16 and on GPUs, results in float32; "
-                        "float64: exact arithmetic for tests (slow)")
+                        "faster on GPUs and CPUs with AMX/AVX512-BF16 (several times slower on "
+                        "other CPUs), results in float32; float64: exact arithmetic for tests")
     c.add_argument("--target", default="label", choices=["label", "prediction"],
                    help="explain the label where known (default) or the prediction")
     c.add_argument("--sample_size", "--sample-size", "--subset_size", dest="sample_size",
@@ -430,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
     from vitxai.data import DownloadError
     from vitxai.models import ModelLoadError
     from vitxai.store import RunDirectoryError
@@ -437,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, ModelLoadError, RunDirectoryError,
-            DownloadError) as e:
+            DownloadError, torch.OutOfMemoryError) as e:  # OOM: after the batch size backed off
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"vitxai: error: {message}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ and always restores the model and removes its hooks, even on error.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,18 @@ import torch
 from torch import nn
 
 Precision = Literal["fp32", "bf16"]
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); None if unknown.
+
+    Without either, torch emulates bfloat16 matrix products and bf16 autocast is several times
+    *slower* than float32 (DeiT-tiny, AVX2-only AMD EPYC: 5.5× slower).
+    """
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # private helpers: absent in other torch versions
+        return None
 _PRECISIONS: dict[str, Precision] = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16",
                                      "bfloat16": "bf16"}
 
@@ -63,7 +76,9 @@ class ModelAdapter:
         Under "bf16", :meth:`logits` runs the model inside ``torch.autocast`` with bfloat16 on
         the adapter's device type (CPU or GPU) and returns float32 logits; inputs, gradients
         with respect to them, masks, relevance rules and solves stay float32. On CPUs with
-        AMX or AVX512-BF16 this is 2–3× faster (environment.md §5); elsewhere it may be slower.
+        AMX or AVX512-BF16 this is 2–3× faster (environment.md §5); on CPUs without them it is
+        emulated and several times slower (a RuntimeWarning says so, see
+        :func:`cpu_has_native_bf16`).
         It speeds up the methods that evaluate the model many times (perturbation and gradient
         methods); the one shared pass of the attention and LRP methods stays float32 (see
         :meth:`full_precision`). Aliases: "float32", "bfloat16".
@@ -76,6 +91,9 @@ class ModelAdapter:
             raise ValueError(f"precision {precision!r} must be one of 'fp32', 'bf16'")
         if key == "bf16" and self.dtype != torch.float32:
             raise ValueError(f"precision 'bf16' needs a float32 model; this one is {self.dtype}")
+        if key == "bf16" and self.device.type == "cpu" and cpu_has_native_bf16() is False:
+            warnings.warn("this CPU has neither AVX512-BF16 nor AMX: bfloat16 is emulated and "
+                          "usually several times slower than fp32", RuntimeWarning, stacklevel=2)
         self.precision = key
         return self
 
