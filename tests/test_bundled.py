@@ -19,6 +19,7 @@ from vitxai.models.bundled import (
     build_benchmark_vit,
     bundled_model_card,
     load_bundled_model,
+    pair_metrics,
 )
 
 
@@ -50,6 +51,12 @@ def test_bundled_model_reaches_its_card_accuracy_on_new_images(card):
     assert seed not in (card["seed"], card["test"]["seed"])
     n = 400  # binomial sd at 97 %: 0.009
     assert benchmark_accuracy(adapter, n, seed) >= card["test"]["accuracy"] - 0.03
+    # the card's pair figures hold on new pair images too (sd <= 0.035 at n = 200)
+    pairs = pair_metrics(adapter, 200, seed)
+    assert abs(pairs["top1_either"] - card["test"]["pair"]["top1_either"]) < 0.12
+    assert abs(pairs["top2_both"] - card["test"]["pair"]["top2_both"]) < 0.12
+    with pytest.raises(ValueError, match="pair_metrics"):
+        benchmark_accuracy(adapter, 1, seed, split="pair")
 
 
 def test_corrupted_weights_name_the_file_and_the_training_command(tmp_path):

@@ -18,7 +18,8 @@ from vitxai.store import load_maps
 FAST = ["--param", "lime.n_samples=24", "--param", "kernel_shap.n_samples=24",
         "--param", "integrated_gradients.steps=4", "--param", "gradient_shap.n_samples=4",
         "--segmentation", "algorithm=\"slic\"", "--no-progress"]
-MODEL = ["--model", "vit_tiny_patch16_224", "--random-weights"]
+MODEL = ["--model", "bundled"]  # the small shipped ViT keeps the end-to-end runs fast
+RANDOM = ["--model", "vit_tiny_patch16_224", "--random-weights"]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_run_directory_has_every_promised_file(full_run):
     config = json.loads((full_run / "config.json").read_text())
     assert config["seed"] == 0 and config["versions"]["torch"] == torch.__version__
     assert set(config["methods"]) == set(SEED_METHODS)
-    assert any("RANDOM weights" in n for n in config["notes"])
+    assert any("bundled ViT" in n for n in config["notes"])
 
 
 def test_unreadable_image_is_listed_not_fatal(full_run):
@@ -103,11 +104,9 @@ def test_same_seed_same_numbers(image_dir, full_run, tmp_path):
 
 def test_resume_after_interruption(image_dir, tmp_path, monkeypatch):
     import vitxai.compare as compare_module
+    from vitxai.models.bundled import load_bundled_model
 
-    adapter_args = dict(pretrained=False)
-    from vitxai.models import load_model
-
-    adapter = load_model("vit_tiny_patch16_224", **adapter_args)
+    adapter = load_bundled_model()
     dataset = FolderDataset(image_dir, eval_transform(adapter.data_config))
     settings = CompareSettings(methods=["attention_rollout", "integrated_gradients"],
                                method_params={"integrated_gradients": {"steps": 2}},
@@ -174,7 +173,7 @@ def test_run_comparison_script_accepts_original_flags(image_dir, tmp_path):
     out = tmp_path / "seed"
     proc = subprocess.run(
         [sys.executable, str(script), "--methods", "AttentionRollout", "IntegratedGradients",
-         "--idx_sample_img", "1", "--save_attr_maps", "--sample_size", "2", *MODEL,
+         "--idx_sample_img", "1", "--save_attr_maps", "--sample_size", "2", *RANDOM,
          "--data", str(image_dir), "--out", str(out), "--param",
          "integrated_gradients.steps=2", "--no-progress"],
         capture_output=True, text=True, timeout=300)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from vitxai.cli import main
 
-MODEL = ["--model", "vit_tiny_patch16_224", "--random-weights", "--no-progress"]
+MODEL = ["--model", "bundled", "--no-progress"]
 
 
 @pytest.fixture(scope="module")

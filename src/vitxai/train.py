@@ -12,10 +12,7 @@ first-order statistic carries the class. Two standard remedies make it fit in th
 * **Low-resolution first** (progressive resizing, as in FixRes / DeiT III): the first part
   of the budget trains on 112 × 112 crops that contain the whole class object (49 tokens,
   about 4× cheaper per image; ``dynamic_img_size`` resamples the position embedding), the
-  rest on the full 224 × 224 images the model is tested and explained on; a quarter of
-  those come from the "pair" split with target 1/2 on each object's class, so that the
-  model names both classes of a pair image (without them it reads a pair as a bag of four
-  textures and names neither).
+  rest on the full 224 × 224 images the model is tested and explained on.
 * **Token labelling** (Jiang et al. 2021, "All Tokens Matter"): an auxiliary linear head
   classifies every final patch token as background or as the texture of the object half
   covering it (>= 50 % of the patch; mixed patches are ignored). It is used only for
@@ -25,6 +22,12 @@ first-order statistic carries the class. Two standard remedies make it fit in th
 The schedule runs on the clock (phases and cosine learning rate by elapsed fraction of the
 budget), so the command ends within ``time_budget_s`` on any machine; a slower machine trains
 on fewer images, which the card records.
+
+The model sees single-object images only, so on "pair" images (two objects, four textures)
+it reads a bag of textures and rarely ranks both present classes first (the card reports
+how often). ``pair_share`` mixes pair images into the full-size phase; in 20 minutes on 2
+shared cores that gave 19 % top-2 on pairs at the cost of single-object accuracy (97.6 %
+instead of 99.2 %), so it is off by default.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ def train_benchmark_model(
     time_budget_s: float = 1200.0,
     batch_size: int = 64,
     full_batch_size: int = 32,
-    pair_share: float = 0.25,
+    pair_share: float = 0.0,
     crop_size: int = 112,
     crop_fraction: float = 0.55,
     lr: float = 2e-3,
@@ -195,103 +198,105 @@ def train_benchmark_model(
     train_budget = time_budget_s - max(5.0, 0.08 * time_budget_s)
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    model = VisionTransformer(**kwargs, dynamic_img_size=True)  # crops, then 224
-    aux_head = torch.nn.Linear(int(kwargs["embed_dim"]), len(TEXTURES) + 1)
-    params = list(model.parameters()) + list(aux_head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
-    load_start = _load_average()
-    cpu0 = time.process_time()
-    t0 = time.perf_counter()
-    seen = {"crops": 0, "full": 0, "pairs": 0}
-    steps = {"crops": 0, "full": 0}
-    running: float | None = None
-    step, index, pair_index = 0, 0, 0
-    n_pairs = round(pair_share * full_batch_size)
-
-    def next_batch(phase: str) -> Any:
-        nonlocal index, pair_index
-        if phase == "crops":
-            job = pool.submit(_batch, seed, index, batch_size, crop_size, patch)
-            index += batch_size
-        else:
-            job = pool.submit(_batch, seed, index, full_batch_size - n_pairs, IMAGE_SIZE, patch,
-                              n_pairs, pair_index)
-            index += full_batch_size - n_pairs
-            pair_index += n_pairs
-        return job
-
-    bar = tqdm(total=round(train_budget), desc="train benchmark ViT", unit="s",
-               disable=not progress)
-    # One thread generates the next batch while torch works on this one.
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitxai-gen")
     try:
-        model.train()
-        phase = "crops" if crop_fraction > 0 else "full"
-        pending = next_batch(phase)
-        while True:
-            frac = (time.perf_counter() - t0) / train_budget
-            if frac >= 1 and steps["full"] > 0:
-                break
-            if phase == "crops" and frac >= crop_fraction and steps["crops"] > 0:
-                phase = "full"
-                pending.cancel()
-                pending = next_batch(phase)
-            images, targets, tokens = pending.result()
-            pending = next_batch(phase)
-            rate = min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(
-                1.0, frac)))
-            for group in opt.param_groups:
-                group["lr"] = lr * rate
-            feats = model.forward_features((images.float() - mean) / std)
-            logits = model.forward_head(feats)
-            loss = F.cross_entropy(logits, targets)
-            if token_label_weight > 0:
-                token_logits = aux_head(feats[:, model.num_prefix_tokens:]).flatten(0, 1)
-                tokens = tokens.flatten()
-                # object and background patches weigh equally (background is ~90 %)
-                obj, bg = (tokens >= 0) & (tokens != _BACKGROUND), tokens == _BACKGROUND
-                aux = sum(0.5 * F.cross_entropy(token_logits[m], tokens[m])
-                          for m in (obj, bg) if m.any())
-                loss_total = loss + token_label_weight * aux
-            else:
-                loss_total = loss
-            opt.zero_grad(set_to_none=True)
-            loss_total.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            steps[phase] += 1
-            seen[phase] += len(targets) - (0 if phase == "crops" else n_pairs)
-            seen["pairs"] += 0 if phase == "crops" else n_pairs
-            # a hit: the top class is (one of) the image's class(es)
-            acc = float((targets.gather(1, logits.argmax(1, keepdim=True)) > 0).float().mean())
-            running = acc if running is None else 0.95 * running + 0.05 * acc
-            bar.n = min(round(time.perf_counter() - t0), bar.total)
-            bar.set_postfix(phase=phase, step=step, loss=f"{loss.item():.3f}",
-                            acc=f"{running:.3f}", refresh=True)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-    train_s = time.perf_counter() - t0
-    train_cpu_s = time.process_time() - cpu0
-    load_end = _load_average()
+        torch.manual_seed(seed)
+        model = VisionTransformer(**kwargs, dynamic_img_size=True)  # crops, then 224
+        aux_head = torch.nn.Linear(int(kwargs["embed_dim"]), len(TEXTURES) + 1)
+        params = list(model.parameters()) + list(aux_head.parameters())
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+        std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+        load_start = _load_average()
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        seen = {"crops": 0, "full": 0, "pairs": 0}
+        steps = {"crops": 0, "full": 0}
+        running: float | None = None
+        step, index, pair_index = 0, 0, 0
+        n_pairs = round(pair_share * full_batch_size)
 
-    final = VisionTransformer(**kwargs)  # the shipped architecture (fixed 224 input)
-    final.load_state_dict(model.state_dict())
-    final.eval()
-    data_config = {"input_size": [3, kwargs["img_size"], kwargs["img_size"]], "mean": list(MEAN),
-                   "std": list(STD), "interpolation": "bilinear", "crop_pct": 1.0,
-                   "crop_mode": "center"}
-    config = dict(data_config, input_size=tuple(data_config["input_size"]))
-    t_test = time.perf_counter()
-    adapter = adapt(final, BUNDLED_NAME, config)
-    accuracy = benchmark_accuracy(adapter, test_size, test_seed)
-    pair_test = pair_metrics(adapter, max(1, test_size // 4), test_seed)
-    test_s = time.perf_counter() - t_test
-    torch.set_num_threads(saved_threads)
+        def next_batch(phase: str) -> Any:
+            nonlocal index, pair_index
+            if phase == "crops":
+                job = pool.submit(_batch, seed, index, batch_size, crop_size, patch)
+                index += batch_size
+            else:
+                job = pool.submit(_batch, seed, index, full_batch_size - n_pairs, IMAGE_SIZE, patch,
+                                  n_pairs, pair_index)
+                index += full_batch_size - n_pairs
+                pair_index += n_pairs
+            return job
+
+        bar = tqdm(total=round(train_budget), desc="train benchmark ViT", unit="s",
+                   disable=not progress)
+        # One thread generates the next batch while torch works on this one.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vitxai-gen")
+        try:
+            model.train()
+            phase = "crops" if crop_fraction > 0 else "full"
+            pending = next_batch(phase)
+            while True:
+                frac = (time.perf_counter() - t0) / train_budget
+                if frac >= 1 and steps["full"] > 0:
+                    break
+                if phase == "crops" and frac >= crop_fraction and steps["crops"] > 0:
+                    phase = "full"
+                    pending.cancel()
+                    pending = next_batch(phase)
+                images, targets, tokens = pending.result()
+                pending = next_batch(phase)
+                rate = min(1.0, (step + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(
+                    1.0, frac)))
+                for group in opt.param_groups:
+                    group["lr"] = lr * rate
+                feats = model.forward_features((images.float() - mean) / std)
+                logits = model.forward_head(feats)
+                loss = F.cross_entropy(logits, targets)
+                if token_label_weight > 0:
+                    token_logits = aux_head(feats[:, model.num_prefix_tokens:]).flatten(0, 1)
+                    tokens = tokens.flatten()
+                    # object and background patches weigh equally (background is ~90 %)
+                    obj, bg = (tokens >= 0) & (tokens != _BACKGROUND), tokens == _BACKGROUND
+                    aux = sum(0.5 * F.cross_entropy(token_logits[m], tokens[m])
+                              for m in (obj, bg) if m.any())
+                    loss_total = loss + token_label_weight * aux
+                else:
+                    loss_total = loss
+                opt.zero_grad(set_to_none=True)
+                loss_total.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                step += 1
+                steps[phase] += 1
+                seen[phase] += len(targets) - (0 if phase == "crops" else n_pairs)
+                seen["pairs"] += 0 if phase == "crops" else n_pairs
+                # a hit: the top class is (one of) the image's class(es)
+                acc = float((targets.gather(1, logits.argmax(1, keepdim=True)) > 0).float().mean())
+                running = acc if running is None else 0.95 * running + 0.05 * acc
+                bar.n = min(round(time.perf_counter() - t0), bar.total)
+                bar.set_postfix(phase=phase, step=step, loss=f"{loss.item():.3f}",
+                                acc=f"{running:.3f}", refresh=True)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+        train_s = time.perf_counter() - t0
+        train_cpu_s = time.process_time() - cpu0
+        load_end = _load_average()
+
+        final = VisionTransformer(**kwargs)  # the shipped architecture (fixed 224 input)
+        final.load_state_dict(model.state_dict())
+        final.eval()
+        size = kwargs["img_size"]
+        data_config = {"input_size": [3, size, size], "mean": list(MEAN), "std": list(STD),
+                       "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+        config = dict(data_config, input_size=tuple(data_config["input_size"]))
+        t_test = time.perf_counter()
+        adapter = adapt(final, BUNDLED_NAME, config)
+        accuracy = benchmark_accuracy(adapter, test_size, test_seed)
+        pair_test = pair_metrics(adapter, max(1, test_size // 4), test_seed)
+        test_s = time.perf_counter() - t_test
+    finally:
+        torch.set_num_threads(saved_threads)
 
     weights = out / BUNDLED_WEIGHTS.name
     state = {k: v.detach().contiguous() for k, v in final.state_dict().items()}
@@ -309,7 +314,7 @@ def train_benchmark_model(
         "seed": seed,
         "command": f"{TRAIN_COMMAND}{out_opt} --seed {seed} --time-budget {time_budget_s:g}",
         "training": {
-            "data": {"splits": ["single", "pair"], "seed": seed,
+            "data": {"splits": ["single", "pair"] if n_pairs else ["single"], "seed": seed,
                      "generator_version": GENERATOR_VERSION,
                      "images_seen": seen["crops"] + seen["full"] + seen["pairs"],
                      "each_image_once": True},
@@ -317,8 +322,8 @@ def train_benchmark_model(
                 {"input": f"{crop_size}x{crop_size} crops holding the whole object",
                  "share_of_time": crop_fraction, "batch_size": batch_size,
                  "steps": steps["crops"], "images": seen["crops"]},
-                {"input": f"full {IMAGE_SIZE}x{IMAGE_SIZE} images, {n_pairs} of each batch "
-                          f"from the pair split",
+                {"input": f"full {IMAGE_SIZE}x{IMAGE_SIZE} images"
+                          + (f", {n_pairs} of each batch from the pair split" if n_pairs else ""),
                  "share_of_time": round(1 - crop_fraction, 4), "batch_size": full_batch_size,
                  "steps": steps["full"], "images": seen["full"], "pair_images": seen["pairs"]},
             ],
@@ -359,6 +364,7 @@ def _markdown(card: dict[str, Any]) -> str:
     kw, opt, mach = m["kwargs"], tr["optimizer"], tr["machine"]
     crops, full = tr["phases"]
     pair = te["pair"]
+    pairs = f" and {full['pair_images']:,} pair" if full["pair_images"] else ""
     loads = [x for x in (mach["load_average_at_start"], mach["load_average_at_end"]) if x]
     busy = mach["cores"] and loads and max(loads) > mach["cores"]
     shared = " (above the core count: the machine was shared)" if busy else ""
@@ -384,9 +390,8 @@ top-1 = one of them on {pair['top1_either']:.1%} ({pair['size']} fresh images, \
 seed {pair['seed']}) |
 | training data | {tr['data']['images_seen']:,} generated images, each seen once \
 (seed {tr['data']['seed']}): {crops['images']:,} single-object images as {crops['input']} \
-({crops['steps']} steps of {crops['batch_size']}), then {full['images']:,} single-object and \
-{full['pair_images']:,} pair images at full size ({full['steps']} steps of \
-{full['batch_size']}) |
+({crops['steps']} steps of {crops['batch_size']}), then {full['images']:,} \
+single-object{pairs} images at full size ({full['steps']} steps of {full['batch_size']}) |
 | optimiser | AdamW lr {opt['lr']}, wd {opt['weight_decay']}, {opt['schedule']}, \
 gradient clipping {opt['grad_clip_norm']} |
 | auxiliary loss | token labelling, weight {tr['token_labelling']['weight']}: \
