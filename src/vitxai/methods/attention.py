@@ -9,6 +9,7 @@ the product, O(L·N²) instead of O(L·N³) (methods.md §8).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -93,6 +94,25 @@ def readout_row(adapter: ViTAdapter, n_tokens: int, batch: int, dtype: torch.dty
         r[:, :2] = 0.5
     else:
         r[:, 0] = 1.0
+    return r
+
+
+def residual_product_row(adapter: ViTAdapter, like: torch.Tensor, start: int,
+                         abar_of: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    """Read-out row of the unnormalised product (I + Ā_{L−1})·…·(I + Ā_start).
+
+    Shared by Chefer 2021a, its LRP-rollout sibling and Chefer 2021b, which differ only in Ā.
+
+    Args:
+        like: a (B, h, N, N) tensor giving batch size, token count, dtype and device.
+        abar_of: block index → (B, N, N) fused matrix Ā of that block.
+
+    Returns:
+        (B, N): r = readoutᵀ·(I + Ā_{L−1})·…, computed right-to-left on the row only.
+    """
+    r = readout_row(adapter, like.shape[-1], like.shape[0], like.dtype, like.device)
+    for layer in range(adapter.depth - 1, start - 1, -1):
+        r = r + torch.bmm(r.unsqueeze(1), abar_of(layer)).squeeze(1)  # r ← r·(I + Ā)
     return r
 
 
@@ -358,11 +378,9 @@ def chefer2021b(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor
     vp, reused = vit_pass(adapter, images, targets, context, gradients=True)
     attn = vp.capture.attention_maps()
     grads = vp.capture.gradient_maps()
-    r = readout_row(adapter, attn[0].shape[-1], attn[0].shape[0], attn[0].dtype,
-                    attn[0].device)
-    for layer in range(adapter.depth - 1, start - 1, -1):
-        abar = (grads[layer] * attn[layer].detach()).clamp(min=0).mean(dim=1)
-        r = r + torch.bmm(r.unsqueeze(1), abar).squeeze(1)
+    r = residual_product_row(
+        adapter, attn[0], start,
+        lambda layer: (grads[layer] * attn[layer].detach()).clamp(min=0).mean(dim=1))
     return _patch_attribution("chefer2021b", adapter, images, targets, r, pass_cost(vp, reused))
 
 

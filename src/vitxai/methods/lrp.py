@@ -18,7 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
-from vitxai.methods.attention import pass_cost, readout_row, to_patch_map, vit_pass
+from vitxai.methods.attention import (
+    pass_cost,
+    readout_row,
+    residual_product_row,
+    to_patch_map,
+    vit_pass,
+)
 from vitxai.methods.base import Attribution, BatchContext, check_range, register_method
 from vitxai.models.adapter import ViTAdapter
 
@@ -193,11 +199,10 @@ def chefer2021a(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor
     vp, reused, rel = _relevance(adapter, images, targets, context, p.start_layer)
     with torch.no_grad():
         grads = vp.capture.gradient_maps()
-        a0 = vp.capture.attention[0]
-        r = readout_row(adapter, a0.shape[-1], images.shape[0], a0.dtype, a0.device)
-        for layer in range(adapter.depth - 1, p.start_layer - 1, -1):
-            abar = (grads[layer] * rel.attention_relevance[layer]).clamp(min=0).mean(dim=1)
-            r = r + torch.bmm(r.unsqueeze(1), abar).squeeze(1)  # r ← r·(I + Ā)
+        r = residual_product_row(
+            adapter, vp.capture.attention[0], p.start_layer,
+            lambda layer: (grads[layer] * rel.attention_relevance[layer]).clamp(min=0)
+            .mean(dim=1))
     native, full = to_patch_map(adapter, r, images)
     return Attribution("chefer2021a", full, native, "patch", targets, _lrp_cost(vp, reused))
 
@@ -239,11 +244,10 @@ def chefer_lrp_rollout(adapter: ViTAdapter, images: torch.Tensor, targets: torch
                        p: CheferParams, context: BatchContext) -> Attribution:
     """Same product as :func:`chefer2021a` with Ā = mean_h max(R_A, 0), unnormalised."""
     vp, reused, rel = _relevance(adapter, images, targets, context, p.start_layer)
-    a0 = vp.capture.attention[0]
-    r = readout_row(adapter, a0.shape[-1], images.shape[0], a0.dtype, a0.device)
-    for layer in range(adapter.depth - 1, p.start_layer - 1, -1):
-        abar = rel.attention_relevance[layer].clamp(min=0).mean(dim=1)
-        r = r + torch.bmm(r.unsqueeze(1), abar).squeeze(1)
+    with torch.no_grad():
+        r = residual_product_row(
+            adapter, vp.capture.attention[0], p.start_layer,
+            lambda layer: rel.attention_relevance[layer].clamp(min=0).mean(dim=1))
     native, full = to_patch_map(adapter, r, images)
     return Attribution("chefer_lrp_rollout", full, native, "patch", targets,
                        _lrp_cost(vp, reused))
