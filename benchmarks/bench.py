@@ -77,6 +77,7 @@ class Settings:
     lime_big_batch: int = 64            # lime_image's batch_size, tuned
     floor_sizes: tuple[int, ...] = (1, 8, 16, 32, 64, 128)
     floor_repeats: int = 3
+    repeats: int = 3                    # every timed row: best of this many runs
     floor_budget_s: float = 30.0        # stop growing the batch once one call takes longer
     original_lime_samples: int = 750
     original_ks_samples: int = 1000
@@ -90,7 +91,7 @@ class Settings:
     @classmethod
     def quick(cls) -> Settings:
         return cls(samples=16, ig_steps=4, gs_samples=4, tuned_ppe=8, lime_big_batch=8,
-                   floor_sizes=(1, 8), floor_repeats=1, floor_budget_s=5.0,
+                   floor_sizes=(1, 8), floor_repeats=1, repeats=1, floor_budget_s=5.0,
                    original_lime_samples=12, original_ks_samples=16, original_ig_steps=4,
                    original_gs_samples=4,
                    memory_params={"lime": {"n_samples": 8}, "kernel_shap": {"n_samples": 8},
@@ -124,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="precision of the lime_image and captum runs; 'fp32' with "
                         "--precision bf16 compares vitxai's bf16 mode with the tools as "
                         "people run them")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="runs per timed row, the best one counts (default 3; --quick: 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--sections", default=",".join(SECTIONS),
@@ -283,22 +286,30 @@ class Record:
 
 
 def measure(record: Record, adapter: ModelAdapter, n_images: int,
-            run: Callable[[], Any]) -> Record:
-    """Time ``run()`` with pass counters and peak memory; errors are recorded, not raised."""
+            run: Callable[[], Any], repeats: int = 1) -> Record:
+    """Time ``run()`` with pass counters and peak memory; errors are recorded, not raised.
+
+    The row's time is the best of ``repeats`` runs, as the floor's is (a shared machine only
+    ever adds time); every run's time is kept in ``extra["all_seconds"]``.
+    """
     gc.collect()
     record.n_images = n_images
     record.precision = adapter.precision
     label = f"{record.tool}:{record.name}"
     print(f"  {label:<44}", end="", flush=True)
     try:
+        times = []
         with count_passes(adapter) as passes:
             _reset_peak_memory(adapter.device)
-            start = time.perf_counter()
-            out = run()
-            record.seconds = time.perf_counter() - start
+            for _ in range(repeats):
+                start = time.perf_counter()
+                out = run()
+                times.append(time.perf_counter() - start)
             record.peak_memory_mb = _peak_memory_mb(adapter.device)
-        record.counted = {"forward": passes.forward / n_images,
-                          "backward": passes.backward / n_images}
+        record.seconds = min(times)
+        record.extra["all_seconds"] = times
+        record.counted = {"forward": passes.forward / (n_images * repeats),
+                          "backward": passes.backward / (n_images * repeats)}
         if isinstance(out, dict):
             record.extra.update(out)
         print(f"{record.per_image:9.3f} s/image")
@@ -365,12 +376,17 @@ def run_vitxai(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
     seg = SegmentationParams()
     records: list[Record] = []
     # LIME and KernelSHAP share one segmentation per image (one context), timed on its own
-    ctx = BatchContext.for_batch(n, planned=["lime", "kernel_shap"])
+    contexts: list[BatchContext] = []
+
+    def segmentation() -> dict[str, Any]:
+        contexts.append(BatchContext.for_batch(n, planned=["lime", "kernel_shap"]))
+        segments = shared_segments(contexts[-1], images, seg)  # a fresh cache every repeat
+        return {"superpixels": (segments.flatten(1).amax(1) + 1).tolist()}
+
     records.append(measure(Record("segmentation", "vitxai", "segmentation",
                                   {"algorithm": "quickshift", "shared_by": "lime, kernel_shap"},
-                                  "none", 0.0), adapter, n,
-                           lambda: {"superpixels": (shared_segments(ctx, images, seg)
-                                                    .flatten(1).amax(1) + 1).tolist()}))
+                                  "none", 0.0), adapter, n, segmentation, s.repeats))
+    ctx = contexts[-1]
 
     def method(name: str, **params: Any) -> Callable[[], dict[str, Any]]:
         def run() -> dict[str, Any]:
@@ -380,29 +396,30 @@ def run_vitxai(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
 
     records.append(measure(Record("lime", "vitxai", "lime",
                                   {"n_samples": s.samples, "batch_size": 64}, "forward",
-                                  s.samples), adapter, n, method("lime", n_samples=s.samples)))
+                                  s.samples), adapter, n, method("lime", n_samples=s.samples),
+                           s.repeats))
     records.append(measure(Record("kernel_shap", "vitxai", "kernel_shap",
                                   {"n_samples": s.samples, "batch_size": 64}, "forward",
                                   s.samples), adapter, n,
-                           method("kernel_shap", n_samples=s.samples)))
+                           method("kernel_shap", n_samples=s.samples), s.repeats))
     ks = records[-1]
     if "cost" in ks.extra:  # fewer rows when 2^S ≤ n_samples (exact enumeration)
         ks.evals_per_image = float(ks.extra["cost"]["forward"])
     records.append(measure(Record("integrated_gradients", "vitxai", "integrated_gradients",
                                   {"steps": s.ig_steps, "internal_batch_size": 64},
                                   "gradient", s.ig_steps), adapter, n,
-                           method("integrated_gradients", steps=s.ig_steps)))
+                           method("integrated_gradients", steps=s.ig_steps), s.repeats))
     records.append(measure(Record("gradient_shap", "vitxai", "gradient_shap",
                                   {"n_samples": s.gs_samples, "internal_batch_size": 64},
                                   "gradient", s.gs_samples), adapter, n,
-                           method("gradient_shap", n_samples=s.gs_samples)))
+                           method("gradient_shap", n_samples=s.gs_samples), s.repeats))
     if adapter.is_vit:
-        records.extend(run_attention(adapter, images, targets))
+        records.extend(run_attention(adapter, images, targets, s.repeats))
     return records
 
 
-def run_attention(adapter: ModelAdapter, images: torch.Tensor,
-                  targets: torch.Tensor) -> list[Record]:
+def run_attention(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
+                  repeats: int) -> list[Record]:
     """Every method on the shared ViT pass, together in one context; then the LRP methods
     that make a pass of their own, one by one."""
     n = images.shape[0]
@@ -426,11 +443,12 @@ def run_attention(adapter: ModelAdapter, images: torch.Tensor,
                 "note": "cost backward counts chefer's explicit relevance pass as one backward"}
 
     records = [measure(Record("attention (all shared-pass methods)", "vitxai", "attention",
-                              {"methods": shared}, "gradient", 1.0), adapter, n, together)]
+                              {"methods": shared}, "gradient", 1.0), adapter, n, together,
+                       repeats)]
     for m in own:
         records.append(measure(Record(m, "vitxai", m, {}, "gradient", 1.0), adapter, n,
                                lambda m=m: {"cost": vars(attribute(
-                                   m, adapter, images, targets).cost)}))
+                                   m, adapter, images, targets).cost)}, repeats))
     return records
 
 
@@ -549,7 +567,7 @@ def run_references(adapter: ModelAdapter, images: torch.Tensor, targets: torch.T
             print(f"  {tool + ':' + name:<44}  SKIPPED: {e}")
             return
         r = measure(Record(name, tool, method, settings, kind, evals,
-                           includes_segmentation=seg), adapter, n, run)
+                           includes_segmentation=seg), adapter, n, run, s.repeats)
         done[key] = r
         records.append(r)
 
@@ -772,12 +790,14 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings.quick() if args.quick else Settings()
     if args.samples is not None:
         s.samples = args.samples
+    if args.repeats is not None:
+        s.repeats = max(1, args.repeats)
     n = args.images or (1 if args.quick else 2)
     if args.memory_images:
         a, b = (int(v) for v in args.memory_images.split(","))
         s.memory_images = (a, b)
     else:
-        s.memory_images = (1, 2) if args.quick else (n, 2 * n)
+        s.memory_images = (1, 2) if args.quick else (n, 8 * n)
 
     adapter, model_note = load_adapter(args.model, args.pretrained)
     adapter.set_precision(args.precision)

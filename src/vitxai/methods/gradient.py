@@ -2,12 +2,13 @@
 
 Saliency, Input×Gradient, Integrated Gradients (also with the IDSDS uniform baseline, "IG-U"),
 SmoothGrad over IxG or IG, and GradientSHAP all evaluate ∂y_c/∂x at one or many points per
-image. :func:`path_gradient_sum` lays the points out and streams them through the model in
-chunks of ``internal_batch_size`` (:func:`target_gradient` per chunk; parameters frozen, so
-backward only reaches the input), halving the chunk when it runs out of memory. We do not call
-captum here: its GradientShap and NoiseTunnel draw one random stream for the whole batch (a
-batch then differs from its images one by one) and its methods cannot share the kernel; captum
-is used in the tests as the reference.
+image. :func:`path_gradient_sum` builds the points chunk by chunk, streams them through the model
+``internal_batch_size`` at a time (:func:`target_gradient` per chunk; parameters frozen, so
+backward only reaches the input; the chunk halves when it runs out of memory) and folds each
+chunk's gradients into a per-image sum, so memory does not grow with the number of points.
+We do not call captum here: its GradientShap and NoiseTunnel draw one random stream for the
+whole batch (a batch then differs from its images one by one) and its methods cannot share
+the kernel; captum is used in the tests as the reference.
 
 Maps: ``maps`` is the channel sum (B, H, W), which keeps IG's completeness; ``channels`` holds
 the (B, 3, H, W) attribution so that the unified mask can clip before the channel mean.
@@ -19,7 +20,7 @@ both spaces, while Input×Gradient and saliency are not (see their ``space`` not
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -98,69 +99,94 @@ def target_gradient(adapter: ModelAdapter, x: torch.Tensor, t: torch.Tensor) -> 
     return grad
 
 
-def input_gradients(adapter: ModelAdapter, points: Iterator[torch.Tensor],
-                    targets: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
-    """For each chunk of points (M, 3, H, W) and targets (M,), yield ∂y_t/∂x (M, 3, H, W)
-    (:func:`target_gradient` per chunk)."""
-    for x, t in zip(points, targets, strict=True):
-        yield target_gradient(adapter, x, t)
-
-
-def path_gradient_sum(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
-                      starts: torch.Tensor, ends: torch.Tensor, alphas: torch.Tensor,
-                      weights: torch.Tensor, internal_batch_size: int,
+def path_gradient_sum(adapter: ModelAdapter, targets: torch.Tensor, starts: torch.Tensor,
+                      ends: torch.Tensor, alphas: torch.Tensor, weights: torch.Tensor,
+                      internal_batch_size: int, *, times_difference: bool = False,
+                      start_index: torch.Tensor | None = None,
                       batcher: AdaptiveBatch | None = None) -> torch.Tensor:
-    """Σ_k w_k ∇y(start + α_k (end − start)) per image, with per-image α and w.
+    """Σ_k w_k ∇y(s_k + α_k (e_k − s_k)) per image, or Σ_k w_k (e_k − s_k) ⊙ ∇y(...).
 
-    The B·K points are evaluated in chunks of ``internal_batch_size``; a chunk that runs out of
-    memory is retried at half the size, kept for the rest of the call
-    (:func:`vitxai.batching.run_chunked`).
+    The B·K points are built and evaluated chunk by chunk (``internal_batch_size`` points per
+    forward and backward; a chunk that runs out of memory is retried at half the size, kept
+    for the rest of the call, :func:`vitxai.batching.run_chunked`), and each chunk's gradients
+    are folded into a (B, 3, H, W) sum at once, so memory does not grow with K: no (B, K, 3,
+    H, W) points or gradients ever exist, unless the caller passes them as endpoints. The fold
+    is one matrix product of the chunk's one-hot-times-weight rows with its gradients, which is
+    deterministic on every device (an ``index_add_`` is not on CUDA).
 
     Args:
-        images: only its batch size matters here (B).
-        starts, ends: (B, K, 3, H, W) or broadcastable (B, 1, 3, H, W) path endpoints.
+        targets: (B,) long, the class whose logit is differentiated.
+        starts, ends: (B, K, 3, H, W) path endpoints, or (B, 1, 3, H, W) shared by all K points
+            of an image (then e − s is computed once per image).
         alphas, weights: (B, K) interpolation points and their weights.
+        times_difference: multiply each point's gradient by its own (e_k − s_k) before summing
+            (GradientSHAP, whose endpoints differ per point).
+        start_index: optional (B, K) long: point k of image b starts at
+            ``starts[b, start_index[b, k]]`` (a few distinct baselines shared by many points,
+            without a (B, K, 3, H, W) copy).
         batcher: optional :class:`~vitxai.batching.AdaptiveBatch` used instead of a fresh one
             (``internal_batch_size`` is then ignored); its ``size`` tells where it settled.
 
     Returns:
-        (B, K, 3, H, W) gradients weighted by ``weights`` (not summed, so callers may pair them
-        with per-point differences).
+        (B, 3, H, W) weighted sums (accumulated in float64) in the endpoints' dtype.
     """
     b, k = alphas.shape
-    shape = images.shape[1:]
-    flat_alpha = alphas.reshape(-1).to(images)
-    total = b * k
+    shape = starts.shape[2:]
+    device = starts.device
+    flat_alpha = alphas.reshape(-1).to(device, starts.dtype)
+    flat_weight = weights.reshape(-1).to(device, starts.dtype)
+    flat_targets = targets.to(device).repeat_interleave(k)
+    shared = starts.shape[1] == 1 and ends.shape[1] == 1 and start_index is None
+    flat_start = None if start_index is None else start_index.reshape(-1).to(device)
+    diffs = (ends - starts)[:, 0] if shared else None  # (B, 3, H, W), once per image
+    # chunks fold in the gradients' dtype and add up in float64: the chunk size the
+    # out-of-memory back-off settles on changes the result only by float32 rounding
+    total = torch.zeros(b, *shape, dtype=torch.float64, device=device)
 
-    def make_points(lo: int, hi: int) -> torch.Tensor:
-        # index the endpoints per chunk so that B·K images never exist at once
-        flat = torch.arange(lo, hi, device=images.device)
+    def chunk(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = torch.arange(lo, hi, device=device)
         bi, ki = flat // k, flat % k
-        s = starts[bi, ki if starts.shape[1] > 1 else 0]
-        e = ends[bi, ki if ends.shape[1] > 1 else 0]
-        return s + flat_alpha[lo:hi].view(-1, 1, 1, 1) * (e - s)
+        alpha = flat_alpha[lo:hi].view(-1, 1, 1, 1)
+        if diffs is not None:
+            d = diffs[bi]
+            points = torch.addcmul(starts[bi, 0], alpha, d)
+        else:
+            si = flat_start[lo:hi] if flat_start is not None else (
+                ki if starts.shape[1] > 1 else 0)
+            s = starts[bi, si]
+            d = ends[bi, ki if ends.shape[1] > 1 else 0] - s
+            points = torch.addcmul(s, alpha, d)
+        grads = target_gradient(adapter, points, flat_targets[lo:hi])
+        if times_difference:
+            grads = grads * d
+        # rows are image-major, so a chunk spans images bi[0] .. bi[-1]
+        first = int(bi[0])
+        fold = torch.zeros(int(bi[-1]) - first + 1, hi - lo, dtype=grads.dtype, device=device)
+        fold[bi - first, torch.arange(hi - lo, device=device)] = flat_weight[lo:hi]
+        return torch.tensor([first]), fold @ grads.reshape(hi - lo, -1)
 
-    flat_targets = targets.repeat_interleave(k)
+    def add(_lo: int, _hi: int, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+        first, sums = int(out[0]), out[1]
+        total[first:first + sums.shape[0]] += sums.view(-1, *shape).double()
 
-    def chunk_gradients(lo: int, hi: int) -> torch.Tensor:
-        return target_gradient(adapter, make_points(lo, hi), flat_targets[lo:hi])
-
-    grads = torch.cat(run_chunked(chunk_gradients, total, internal_batch_size,
-                                  batcher=batcher))
-    return grads.reshape(b, k, *shape) * weights.to(grads).view(b, k, 1, 1, 1)
+    run_chunked(chunk, b * k, internal_batch_size, consume=add, batcher=batcher)
+    return total.to(starts.dtype)
 
 
 def gradients_at(adapter: ModelAdapter, targets: torch.Tensor, points: torch.Tensor,
                  internal_batch_size: int) -> torch.Tensor:
     """∂y_t/∂x at given points: (B, K, 3, H, W) points → (B, K, 3, H, W) gradients.
 
-    :func:`path_gradient_sum` with both path ends at the points (α = 0, w = 1), so saliency,
-    Input×Gradient and SmoothGrad stream through the same chunked kernel as IG.
+    For saliency, Input×Gradient and SmoothGrad over IxG, which transform each point's
+    gradient before averaging; streamed in chunks that back off on out-of-memory errors.
     """
     b, k = points.shape[:2]
-    zeros = torch.zeros(b, k, dtype=points.dtype)
-    return path_gradient_sum(adapter, points[:, 0], targets, points, points, zeros,
-                             torch.ones_like(zeros), internal_batch_size)
+    flat = points.reshape(b * k, *points.shape[2:])
+    flat_targets = targets.to(points.device).repeat_interleave(k)
+    grads = run_chunked(lambda lo, hi: target_gradient(adapter, flat[lo:hi],
+                                                       flat_targets[lo:hi]),
+                        b * k, internal_batch_size)
+    return torch.cat(grads).view_as(points)
 
 
 def pixel_attribution(name: str, channels: torch.Tensor, targets: torch.Tensor, cost: Cost
@@ -259,10 +285,10 @@ def ig_channels(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tens
     alpha, weight = _QUADRATURES[method](steps)
     b = images.shape[0]
     alphas = torch.as_tensor(alpha, dtype=images.dtype).expand(b, -1)
-    weights = torch.as_tensor(weight, dtype=images.dtype).expand(b, -1)
-    grads = path_gradient_sum(adapter, images, targets, base[:, None], images[:, None],
-                              alphas, weights, internal_batch_size)
-    return (images - base) * grads.sum(dim=1)
+    weights = torch.as_tensor(weight, dtype=torch.float64).expand(b, -1)
+    grads = path_gradient_sum(adapter, targets, base[:, None], images[:, None], alphas,
+                              weights, internal_batch_size)
+    return (images - base) * grads
 
 
 @dataclass(frozen=True)
@@ -358,15 +384,14 @@ def gradient_shap(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Te
         alphas.append(torch.rand(n, generator=g, dtype=torch.float64))
         noise.append(torch.randn(n, *images.shape[1:], generator=g) * p.stdevs
                      if p.stdevs > 0 else None)
-    picked = torch.stack([bases[i, choice[i]] for i in range(b)])  # (B, n, 3, H, W)
     noisy = images[:, None].expand(b, n, *images.shape[1:])
     if p.stdevs > 0:
         noisy = noisy + torch.stack(noise).to(images)
-    grads = path_gradient_sum(adapter, images, targets, picked, noisy,
-                              torch.stack(alphas).to(images.dtype),
-                              torch.full((b, n), 1.0 / n, dtype=images.dtype),
-                              p.internal_batch_size)
-    channels = ((noisy - picked) * grads).sum(dim=1)
+    channels = path_gradient_sum(adapter, targets, bases, noisy,
+                                 torch.stack(alphas).to(images.dtype),
+                                 torch.full((b, n), 1.0 / n, dtype=torch.float64),
+                                 p.internal_batch_size, times_difference=True,
+                                 start_index=torch.stack(choice))
     return pixel_attribution("gradient_shap", channels, targets,
                              Cost(forward=n, backward=n))
 
