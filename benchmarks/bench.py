@@ -622,30 +622,55 @@ def run_references(adapter: ModelAdapter, images: torch.Tensor, targets: torch.T
 # --------------------------------------------------------------------------------------------
 
 
-def streamed_memory(adapter: ModelAdapter, counts: tuple[int, int], s: Settings
-                    ) -> dict[str, Any]:
-    """Peak resident memory of a `compare` run (six methods, batch 2) over N and 2N images."""
-    from vitxai.compare import SEED_METHODS, CompareSettings, compare
-    from vitxai.data.synthetic import SyntheticBenchmark
+_PEAK_CHILD = (
+    "import resource, sys\n"
+    "from vitxai.cli import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "import torch\n"
+    "gpu = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else -1\n"
+    "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, gpu)\n"
+    "sys.exit(rc)\n"
+)
 
+
+def streamed_memory(model: str, pretrained: bool, precision: str, counts: tuple[int, int],
+                    s: Settings) -> dict[str, Any]:
+    """Peak memory of `vitxai compare` (six methods, batch 2) over N and 2N images, each run in
+    a fresh process (so nothing the benchmark allocated before counts): its peak resident set
+    (ru_maxrss) and, on a GPU, its peak CUDA allocation."""
+    from vitxai.compare import SEED_METHODS
+
+    params = [f"{m}.{k}={v}" for m, kv in s.memory_params.items() for k, v in kv.items()]
     out: dict[str, Any] = {"batch_size": 2, "methods": list(SEED_METHODS),
-                           "method_params": s.memory_params, "runs": []}
+                           "method_params": s.memory_params, "model": model,
+                           "precision": precision, "fresh_process": True, "runs": []}
     for n in counts:
         with tempfile.TemporaryDirectory() as tmp:
-            gc.collect()
-            _reset_peak_memory(adapter.device)
+            cmd = [sys.executable, "-c", _PEAK_CHILD, "compare", "--n-images", str(n),
+                   "--batch-size", "2", "--no-progress", "--out", str(Path(tmp) / "run"),
+                   "--model", model, "--precision", "bf16" if precision == "bf16" else
+                   "float32"]
+            if model != "bundled" and not pretrained:
+                cmd.append("--random-weights")
+            for param in params:
+                cmd += ["--param", param]
             start = time.perf_counter()
-            compare(adapter, SyntheticBenchmark("single", size=n, seed=DATA_SEED),
-                    Path(tmp) / "run", CompareSettings(batch_size=2,
-                                                       method_params=s.memory_params),
-                    progress=False)
-            row = {"images": n, "seconds": time.perf_counter() - start,
-                   "peak_memory_mb": _peak_memory_mb(adapter.device)}
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+        peak = next((line.split() for line in proc.stdout.splitlines()
+                     if line.startswith("PEAK ")), None)
+        if proc.returncode != 0 or peak is None:
+            raise RuntimeError(f"compare over {n} images failed (exit {proc.returncode}): "
+                               f"{(proc.stderr.strip().splitlines() or [''])[-1][:200]}")
+        row = {"images": n, "seconds": seconds, "peak_memory_mb": float(peak[1]),
+               "peak_gpu_memory_mb": float(peak[2]) if float(peak[2]) >= 0 else None}
         out["runs"].append(row)
-        print(f"  compare over {n:>3} images: peak {row['peak_memory_mb']:.0f} MB, "
-              f"{row['seconds']:.1f} s")
-    peaks = [r["peak_memory_mb"] for r in out["runs"]]
-    if all(p is not None for p in peaks) and peaks[0]:
+        print(f"  compare over {n:>3} images: peak {row['peak_memory_mb']:.0f} MB resident"
+              + (f", {row['peak_gpu_memory_mb']:.0f} MB GPU" if row["peak_gpu_memory_mb"]
+                 is not None else "") + f", {seconds:.1f} s")
+    key = "peak_gpu_memory_mb" if out["runs"][0]["peak_gpu_memory_mb"] else "peak_memory_mb"
+    peaks = [r[key] for r in out["runs"]]
+    if peaks[0]:
         out["peak_ratio"] = peaks[1] / peaks[0]
     return out
 
@@ -856,7 +881,8 @@ def main(argv: list[str] | None = None) -> int:
     if "memory" in sections:
         print(f"(e) streamed memory: compare over {s.memory_images} images")
         try:
-            result["streamed_memory"] = streamed_memory(adapter, s.memory_images, s)
+            result["streamed_memory"] = streamed_memory(args.model, args.pretrained,
+                                                          args.precision, s.memory_images, s)
         except Exception as e:
             result["streamed_memory"] = {"error": f"{type(e).__name__}: {e}"[:300]}
             print(f"  FAILED: {result['streamed_memory']['error']}")

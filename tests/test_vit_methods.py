@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from conftest import images_for, tiny_vit
@@ -132,6 +135,21 @@ def test_capture_counts_depth_and_restores_model(vit):
     assert torch.allclose(cap.attention[0].sum(-1), torch.ones(2, 2, 17), atol=1e-5)
     assert [b.attn.fused_attn for b in vit.blocks] == fused_before
     assert [len(b.attn.attn_drop._forward_hooks) for b in vit.blocks] == hooks_before
+
+
+def test_capture_frees_its_tensors_once_dropped(vit):
+    """Regression: gradient hooks that close over the capture made a cycle through autograd
+    that the collector cannot see, so every batch's attention maps lived until exit (a compare
+    run over 16 DeiT-tiny images grew its peak memory by 45 %)."""
+    x = images_for(vit, 2)
+    with vit.capture(gradients=True, activations=True) as cap:
+        y = vit.logits(x.requires_grad_())
+        y[:, 0].sum().backward()
+    alive = [weakref.ref(t) for t in cap.attention_maps() + cap.gradient_maps()]
+    assert cap.gradient_maps()[0] is not None  # the hooks fired before they were removed
+    del cap, y
+    gc.collect()
+    assert sum(r() is not None for r in alive) == 0
 
 
 def test_capture_restores_on_error(vit):

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -142,6 +143,9 @@ def _as_segmentation(value: SegmentationParams | dict[str, Any]) -> Segmentation
 def segment(images: torch.Tensor, params: SegmentationParams | None = None) -> torch.Tensor:
     """Superpixels of each image, computed on the unnormalised displayable image.
 
+    Images are segmented in parallel threads (up to torch's thread count): scikit-image's
+    quickshift and SLIC release the GIL, and each image's labels depend on that image only.
+
     Args:
         images: (B, 3, H, W) float in [0, 1] (any device or dtype).
         params: the algorithm and its settings; defaults to quickshift as lime_image.
@@ -153,8 +157,8 @@ def segment(images: torch.Tensor, params: SegmentationParams | None = None) -> t
 
     params = params or SegmentationParams()
     pixels = images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-    out = []
-    for image in pixels.astype(np.float64):
+
+    def one(image: np.ndarray) -> np.ndarray:
         if params.algorithm == "quickshift":
             labels = segmentation.quickshift(
                 image, ratio=params.ratio, kernel_size=params.kernel_size,
@@ -166,7 +170,15 @@ def segment(images: torch.Tensor, params: SegmentationParams | None = None) -> t
                 start_label=0,
             )
         # Labels need not be contiguous (SLIC drops merged ones); features are 0..S-1.
-        out.append(np.unique(labels, return_inverse=True)[1].reshape(labels.shape))
+        return np.unique(labels, return_inverse=True)[1].reshape(labels.shape)
+
+    images64 = list(pixels.astype(np.float64))
+    workers = min(len(images64), max(1, torch.get_num_threads()))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            out = list(pool.map(one, images64))
+    else:
+        out = [one(image) for image in images64]
     return torch.from_numpy(np.stack(out).astype(np.int64))
 
 

@@ -276,7 +276,11 @@ class ViTAdapter(ModelAdapter):
             A, G = cap.attention_maps(), cap.gradient_maps()
 
         Gradients use tensor hooks on the attention output, never module backward hooks
-        (which land on the softmax backward under eval-mode dropout, see methods.md §2).
+        (which land on the softmax backward under eval-mode dropout, see methods.md §2). Run the
+        backward inside the block: on exit every hook is removed, tensor hooks included. A
+        tensor hook that closes over the capture that holds the tensor is a reference cycle
+        through autograd that Python's collector cannot see, so leaving it in place would keep
+        every batch's attention maps alive for the life of the process.
         """
         cap = Capture(self.depth)
         handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -288,7 +292,7 @@ class ViTAdapter(ModelAdapter):
                 if gradients and out.requires_grad:
                     def store(g, layer=layer):
                         cap.attention_grad[layer] = g
-                    out.register_hook(store)
+                    handles.append(out.register_hook(store))
             return hook
 
         def on_point(layer: int, name: str, where: str):
@@ -301,7 +305,8 @@ class ViTAdapter(ModelAdapter):
                 cap.activations[layer][name] = out
                 if (gradients and name == "h1" and layer == self.depth - 1
                         and out.requires_grad):
-                    out.register_hook(lambda g: setattr(cap, "last_tokens_grad", g))
+                    handles.append(out.register_hook(
+                        lambda g: setattr(cap, "last_tokens_grad", g)))
             return hook_out
 
         try:
