@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vitxai.batching import default_batch_size
 from vitxai.methods import METHODS, BatchContext, attribute
 from vitxai.methods.base import _peak_memory_mb, _reset_peak_memory
 from vitxai.methods.perturbation import SegmentationParams, shared_segments
@@ -457,23 +458,24 @@ def run_vitxai(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
             return {"cost": {"forward": r.cost.forward, "backward": r.cost.backward}}
         return run
 
+    bs = default_batch_size(adapter.device)  # the methods' own default, recorded
     records.append(measure(Record("lime", "vitxai", "lime",
-                                  {"n_samples": s.samples, "batch_size": 64}, "forward",
+                                  {"n_samples": s.samples, "batch_size": bs}, "forward",
                                   s.samples), adapter, n, method("lime", n_samples=s.samples),
                            s.repeats))
     records.append(measure(Record("kernel_shap", "vitxai", "kernel_shap",
-                                  {"n_samples": s.samples, "batch_size": 64}, "forward",
+                                  {"n_samples": s.samples, "batch_size": bs}, "forward",
                                   s.samples), adapter, n,
                            method("kernel_shap", n_samples=s.samples), s.repeats))
     ks = records[-1]
     if "cost" in ks.extra:  # fewer rows when 2^S ≤ n_samples (exact enumeration)
         ks.evals_per_image = float(ks.extra["cost"]["forward"])
     records.append(measure(Record("integrated_gradients", "vitxai", "integrated_gradients",
-                                  {"steps": s.ig_steps, "internal_batch_size": 64},
+                                  {"steps": s.ig_steps, "internal_batch_size": bs},
                                   "gradient", s.ig_steps), adapter, n,
                            method("integrated_gradients", steps=s.ig_steps), s.repeats))
     records.append(measure(Record("gradient_shap", "vitxai", "gradient_shap",
-                                  {"n_samples": s.gs_samples, "internal_batch_size": 64},
+                                  {"n_samples": s.gs_samples, "internal_batch_size": bs},
                                   "gradient", s.gs_samples), adapter, n,
                            method("gradient_shap", n_samples=s.gs_samples), s.repeats))
     covered = {"lime", "kernel_shap", "integrated_gradients", "gradient_shap"}

@@ -94,3 +94,20 @@ def test_integrated_gradients_recovers_with_the_same_map(monkeypatch):
     # chunks are folded in float32 and summed in float64: equal up to float32 rounding
     torch.testing.assert_close(recovered.maps, reference.maps, rtol=1e-5, atol=1e-9)
     assert not torch.equal(recovered.maps, torch.zeros_like(recovered.maps))
+
+
+def test_default_batch_size_by_device(monkeypatch):
+    from vitxai.batching import default_batch_size
+
+    assert default_batch_size("cpu") == 16 and default_batch_size(torch.device("cuda", 0)) == 64
+    adapter = tiny_vit()
+    x = images_for(adapter, 1)
+    seen: list[int] = []
+    monkeypatch.setattr(adapter, "logits", _failing_logits(adapter, 10**6, seen))
+    attribute("lime", adapter, x, [1], n_samples=40)  # batch_size None: the CPU default
+    assert seen == [16, 16, 8]
+    seen.clear()
+    attribute("integrated_gradients", adapter, x, [1], steps=20, internal_batch_size=None)
+    assert seen == [16, 4]
+    with pytest.raises(ValueError, match="batch_size"):
+        attribute("lime", adapter, x, [1], batch_size=0)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from vitxai.batching import AdaptiveBatch, run_chunked
+from vitxai.batching import AdaptiveBatch, default_batch_size, run_chunked
 from vitxai.methods.base import Attribution, BatchContext, Cost, check_range, register_method
 from vitxai.models.adapter import ModelAdapter
 
@@ -101,7 +101,7 @@ def target_gradient(adapter: ModelAdapter, x: torch.Tensor, t: torch.Tensor) -> 
 
 def path_gradient_sum(adapter: ModelAdapter, targets: torch.Tensor, starts: torch.Tensor,
                       ends: torch.Tensor, alphas: torch.Tensor, weights: torch.Tensor,
-                      internal_batch_size: int, *, times_difference: bool = False,
+                      internal_batch_size: int | None, *, times_difference: bool = False,
                       start_index: torch.Tensor | None = None,
                       batcher: AdaptiveBatch | None = None) -> torch.Tensor:
     """Σ_k w_k ∇y(s_k + α_k (e_k − s_k)) per image, or Σ_k w_k (e_k − s_k) ⊙ ∇y(...).
@@ -133,6 +133,7 @@ def path_gradient_sum(adapter: ModelAdapter, targets: torch.Tensor, starts: torc
     b, k = alphas.shape
     shape = starts.shape[2:]
     device = starts.device
+    internal_batch_size = internal_batch_size or default_batch_size(device)
     flat_alpha = alphas.reshape(-1).to(device, starts.dtype)
     flat_weight = weights.reshape(-1).to(device, starts.dtype)
     flat_targets = targets.to(device).repeat_interleave(k)
@@ -174,7 +175,7 @@ def path_gradient_sum(adapter: ModelAdapter, targets: torch.Tensor, starts: torc
 
 
 def gradients_at(adapter: ModelAdapter, targets: torch.Tensor, points: torch.Tensor,
-                 internal_batch_size: int) -> torch.Tensor:
+                 internal_batch_size: int | None) -> torch.Tensor:
     """∂y_t/∂x at given points: (B, K, 3, H, W) points → (B, K, 3, H, W) gradients.
 
     For saliency, Input×Gradient and SmoothGrad over IxG, which transform each point's
@@ -183,9 +184,10 @@ def gradients_at(adapter: ModelAdapter, targets: torch.Tensor, points: torch.Ten
     b, k = points.shape[:2]
     flat = points.reshape(b * k, *points.shape[2:])
     flat_targets = targets.to(points.device).repeat_interleave(k)
+    size = internal_batch_size or default_batch_size(points.device)
     grads = run_chunked(lambda lo, hi: target_gradient(adapter, flat[lo:hi],
                                                        flat_targets[lo:hi]),
-                        b * k, internal_batch_size)
+                        b * k, size)
     return torch.cat(grads).view_as(points)
 
 
@@ -211,22 +213,24 @@ class IntegratedGradientsParams:
         baseline: see :func:`make_baseline`; default "mean" = captum's zero on normalised input.
         method: "gausslegendre" (captum's default) or "riemann_trapezoid", "riemann_left",
             "riemann_right", "riemann_middle".
-        internal_batch_size: path points per model call, ≥ 1.
+        internal_batch_size: path points per model call, ≥ 1; None: 16 on a CPU, 64 on an
+            accelerator (:func:`vitxai.batching.default_batch_size`).
     """
 
     steps: int = 50
     baseline: Baseline = "mean"
     method: str = "gausslegendre"
-    internal_batch_size: int = 64
+    internal_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_ig(self.steps, self.method, self.internal_batch_size)
         check_baseline("baseline", self.baseline)
 
 
-def _check_ig(steps: int, method: str, internal_batch_size: int) -> None:
+def _check_ig(steps: int, method: str, internal_batch_size: int | None) -> None:
     check_range("steps", steps, 1, None)
-    check_range("internal_batch_size", internal_batch_size, 1, None)
+    if internal_batch_size is not None:
+        check_range("internal_batch_size", internal_batch_size, 1, None)
     if method not in _QUADRATURES:
         raise ValueError(
             f"parameter method={method!r} must be one of {', '.join(_QUADRATURES)}"
@@ -279,7 +283,7 @@ def integrated_gradients(adapter: ModelAdapter, images: torch.Tensor, targets: t
 
 
 def ig_channels(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
-                base: torch.Tensor, steps: int, method: str, internal_batch_size: int
+                base: torch.Tensor, steps: int, method: str, internal_batch_size: int | None
                 ) -> torch.Tensor:
     """(B, 3, H, W) IG attribution (x − x′) ⊙ Σ_k w_k ∇y(x′ + α_k(x − x′))."""
     alpha, weight = _QUADRATURES[method](steps)
@@ -303,12 +307,13 @@ class IntegratedGradientsUniformParams:
     Attributes:
         steps: number of path points, ≥ 1 (IDSDS: 50 Gauss–Legendre).
         method: quadrature rule, as for :class:`IntegratedGradientsParams`.
-        internal_batch_size: path points per model call, ≥ 1.
+        internal_batch_size: path points per model call, ≥ 1; None: 16 on a CPU, 64 on an
+            accelerator (:func:`vitxai.batching.default_batch_size`).
     """
 
     steps: int = 50
     method: str = "gausslegendre"
-    internal_batch_size: int = 64
+    internal_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_ig(self.steps, self.method, self.internal_batch_size)
@@ -345,18 +350,20 @@ class GradientShapParams:
         n_samples: draws per image, ≥ 1 (captum's tutorial and the original comparison: 50).
         stdevs: noise standard deviation in pixel units ([0, 1] images), ≥ 0.
         baselines: the baseline distribution, names as in :func:`make_baseline`.
-        internal_batch_size: points per model call, ≥ 1.
+        internal_batch_size: points per model call, ≥ 1; None: 16 on a CPU, 64 on an
+            accelerator (:func:`vitxai.batching.default_batch_size`).
     """
 
     n_samples: int = 50
     stdevs: float = 0.0
     baselines: tuple[Baseline, ...] = ("mean", "black")
-    internal_batch_size: int = 64
+    internal_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         check_range("n_samples", self.n_samples, 1, None)
         check_range("stdevs", self.stdevs, 0.0, None)
-        check_range("internal_batch_size", self.internal_batch_size, 1, None)
+        if self.internal_batch_size is not None:
+            check_range("internal_batch_size", self.internal_batch_size, 1, None)
         if not self.baselines:
             raise ValueError("parameter baselines must name at least one baseline")
         for b in self.baselines:
@@ -406,13 +413,15 @@ class SaliencyParams:
     """Gradient saliency (Simonyan, Vedaldi & Zisserman 2014).
 
     Attributes:
-        internal_batch_size: images per model call, ≥ 1.
+        internal_batch_size: images per model call, ≥ 1; None: 16 on a CPU, 64 on an
+            accelerator (:func:`vitxai.batching.default_batch_size`).
     """
 
-    internal_batch_size: int = 64
+    internal_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        check_range("internal_batch_size", self.internal_batch_size, 1, None)
+        if self.internal_batch_size is not None:
+            check_range("internal_batch_size", self.internal_batch_size, 1, None)
 
 
 @register_method(
@@ -457,15 +466,17 @@ class InputXGradientParams:
     Attributes:
         space: "normalized" (default; x_norm ⊙ ∂y/∂x_norm as captum and IDSDS) or "pixel"
             (x ⊙ ∂y/∂x on [0, 1] pixels), see :func:`ixg_channels`.
-        internal_batch_size: images per model call, ≥ 1.
+        internal_batch_size: images per model call, ≥ 1; None: 16 on a CPU, 64 on an
+            accelerator (:func:`vitxai.batching.default_batch_size`).
     """
 
     space: InputSpace = "normalized"
-    internal_batch_size: int = 64
+    internal_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("space", self.space, INPUT_SPACES)
-        check_range("internal_batch_size", self.internal_batch_size, 1, None)
+        if self.internal_batch_size is not None:
+            check_range("internal_batch_size", self.internal_batch_size, 1, None)
 
 
 @register_method(
@@ -513,7 +524,8 @@ class SmoothGradParams:
         steps: Gauss–Legendre points per IG ("ig" base only), ≥ 1.
         baseline: the IG baseline ("ig" base only; fixed while the input is noised, as in
             captum), names as in :func:`make_baseline`.
-        internal_batch_size: points per model call, ≥ 1.
+        internal_batch_size: points per model call, ≥ 1; None: 16 on a CPU, 64 on an
+            accelerator (:func:`vitxai.batching.default_batch_size`).
     """
 
     base: SmoothGradBase = "ixg"
@@ -523,7 +535,7 @@ class SmoothGradParams:
     space: InputSpace = "normalized"
     steps: int = 50
     baseline: Baseline = "mean"
-    internal_batch_size: int = 64
+    internal_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("base", self.base, ("ixg", "ig"))
@@ -533,7 +545,8 @@ class SmoothGradParams:
         _check_choice("space", self.space, INPUT_SPACES)
         check_range("steps", self.steps, 1, None)
         check_baseline("baseline", self.baseline)
-        check_range("internal_batch_size", self.internal_batch_size, 1, None)
+        if self.internal_batch_size is not None:
+            check_range("internal_batch_size", self.internal_batch_size, 1, None)
 
 
 @register_method(

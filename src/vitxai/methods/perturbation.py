@@ -50,7 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vitxai.batching import AdaptiveBatch, run_chunked
+from vitxai.batching import AdaptiveBatch, default_batch_size, run_chunked
 from vitxai.methods.base import Attribution, BatchContext, Cost, check_range, register_method
 from vitxai.methods.gradient import Baseline, check_baseline, make_baseline
 
@@ -282,7 +282,7 @@ def evaluate_masks(
     space: Space = "pixel",
     token_fill: TokenFill = "mean",
     output: Output = "probability",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     valid: torch.Tensor | None = None,
     on_chunk: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
     | None = None,
@@ -308,7 +308,7 @@ def evaluate_masks(
         space: "pixel" or "tokens" (see :func:`token_masking`).
         token_fill: token space only, see :func:`token_masking`.
         output: "probability" (softmax of the target) or "logit".
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; None: :func:`~vitxai.batching.default_batch_size`.
         valid: optional (B, n) bool; rows that are False are not evaluated (used when images
             of one batch need different numbers of copies).
         on_chunk: optional ``on_chunk(bi, ji, keep, y)`` called after each chunk with its
@@ -325,6 +325,7 @@ def evaluate_masks(
         raise ValueError("evaluate_masks needs a baseline in pixel space")
     b = images.shape[0]
     device = images.device
+    batch_size = batch_size or default_batch_size(device)
     tgt = targets.to(device)
     rows = (torch.ones(b, n, dtype=torch.bool) if valid is None else valid.cpu()).nonzero()
     result = torch.full((b, n), float("nan"), dtype=torch.float64)
@@ -371,7 +372,7 @@ def evaluate_coalitions(
     *,
     fill: Fill = "mean",
     output: Output = "probability",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     valid: torch.Tensor | None = None,
     space: Space = "pixel",
     token_fill: TokenFill = "mean",
@@ -389,7 +390,7 @@ def evaluate_coalitions(
         targets: (B,) long, the class whose output is read.
         fill: pixel space: colour of removed superpixels, see :func:`fill_colour`.
         output: "probability" (softmax of the target) or "logit".
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; None: :func:`~vitxai.batching.default_batch_size`.
         valid: optional (B, n) bool; rows that are False are not evaluated.
         space, token_fill: see :func:`evaluate_masks`.
 
@@ -470,7 +471,8 @@ class LimeParams:
 
     Attributes:
         n_samples: coalitions per image (≥ 2), the first being the unperturbed image.
-        batch_size: perturbed images per forward pass (≥ 1).
+        batch_size: perturbed images per forward pass (≥ 1); None: 16 on a CPU, 64 on an
+            accelerator (:func:`vitxai.batching.default_batch_size`).
         kernel_width: width of the exponential kernel on cosine distance (> 0).
         alpha: ridge penalty (≥ 0; 0 = ordinary weighted least squares).
         output: "probability" (target softmax) or "logit".
@@ -484,7 +486,7 @@ class LimeParams:
     """
 
     n_samples: int = 1000
-    batch_size: int = 64
+    batch_size: int | None = None
     kernel_width: float = 0.25
     alpha: float = 1.0
     output: Output = "probability"
@@ -495,7 +497,8 @@ class LimeParams:
 
     def __post_init__(self) -> None:
         check_range("n_samples", self.n_samples, 2, None)
-        check_range("batch_size", self.batch_size, 1, None)
+        if self.batch_size is not None:
+            check_range("batch_size", self.batch_size, 1, None)
         check_range("kernel_width", self.kernel_width, 0, None, low_open=True)
         check_range("alpha", self.alpha, 0, None)
         _check_choice("output", self.output, ("probability", "logit"))
@@ -608,7 +611,8 @@ class KernelShapParams:
     Attributes:
         n_samples: model evaluations per image including the two endpoints (≥ 3). When
             2^S ≤ n_samples all 2^S coalitions are evaluated instead (exact Shapley values).
-        batch_size: perturbed images per forward pass (≥ 1).
+        batch_size: perturbed images per forward pass (≥ 1); None: 16 on a CPU, 64 on an
+            accelerator (:func:`vitxai.batching.default_batch_size`).
         output: "probability" (target softmax) or "logit".
         fill: colour of removed superpixels: "mean", "black" or a grey in [0, 1] (pixel
             space).
@@ -619,7 +623,7 @@ class KernelShapParams:
     """
 
     n_samples: int = 1000
-    batch_size: int = 64
+    batch_size: int | None = None
     output: Output = "probability"
     fill: Fill = "mean"
     segmentation: SegmentationParams = field(default_factory=SegmentationParams)
@@ -628,7 +632,8 @@ class KernelShapParams:
 
     def __post_init__(self) -> None:
         check_range("n_samples", self.n_samples, 3, None)
-        check_range("batch_size", self.batch_size, 1, None)
+        if self.batch_size is not None:
+            check_range("batch_size", self.batch_size, 1, None)
         _check_choice("output", self.output, ("probability", "logit"))
         _check_fill(self.fill)
         _check_space(self.space, self.token_fill)
@@ -766,7 +771,8 @@ class RiseParams:
             colour = zero of the normalised input (IDSDS's "zeros", RISE); "uniform_normalized"
             = U(−1, 1) in normalised units drawn per image (IDSDS's RISE-U); "black", "white",
             "uniform" (U(0, 1) pixels) or a grey level.
-        batch_size: masked images per forward pass (≥ 1).
+        batch_size: masked images per forward pass (≥ 1); None: 16 on a CPU, 64 on an
+            accelerator (:func:`vitxai.batching.default_batch_size`).
         output: "probability" (the paper's softmax p_c) or "logit".
         space: "pixel", or "tokens" (ViTs only: masks are drawn on the patch grid and blend
             each token's embedding with the fill embedding; ``baseline`` is then unused).
@@ -778,7 +784,7 @@ class RiseParams:
     grid: int = 8
     p_keep: float = 0.1
     baseline: Baseline = "mean"
-    batch_size: int = 64
+    batch_size: int | None = None
     output: Output = "probability"
     space: Space = "pixel"
     token_fill: TokenFill = "mean"
@@ -788,7 +794,8 @@ class RiseParams:
         check_range("grid", self.grid, 1, None)
         check_range("p_keep", self.p_keep, 0.0, 1.0, low_open=True)
         check_baseline("baseline", self.baseline)
-        check_range("batch_size", self.batch_size, 1, None)
+        if self.batch_size is not None:
+            check_range("batch_size", self.batch_size, 1, None)
         _check_choice("output", self.output, ("probability", "logit"))
         _check_space(self.space, self.token_fill)
 
@@ -899,7 +906,8 @@ class OcclusionParams:
             bottom border is added when the stride does not land there, so every pixel is
             covered.
         fill: colour of the occluded window: "mean", "black" or a grey in [0, 1] (pixel space).
-        batch_size: occluded images per forward pass (≥ 1).
+        batch_size: occluded images per forward pass (≥ 1); None: 16 on a CPU, 64 on an
+            accelerator (:func:`vitxai.batching.default_batch_size`).
         output: "probability" (target softmax) or "logit".
         space: "pixel", or "tokens" (ViTs only: the window slides over the patch grid and
             occluded patches are masked at the token level; window and stride are snapped to
@@ -911,7 +919,7 @@ class OcclusionParams:
     window: int = 16
     stride: int = 8
     fill: Fill = "mean"
-    batch_size: int = 64
+    batch_size: int | None = None
     output: Output = "probability"
     space: Space = "pixel"
     token_fill: TokenFill = "mean"
@@ -920,7 +928,8 @@ class OcclusionParams:
         check_range("window", self.window, 1, None)
         check_range("stride", self.stride, 1, None)
         _check_fill(self.fill)
-        check_range("batch_size", self.batch_size, 1, None)
+        if self.batch_size is not None:
+            check_range("batch_size", self.batch_size, 1, None)
         _check_choice("output", self.output, ("probability", "logit"))
         _check_space(self.space, self.token_fill)
 
