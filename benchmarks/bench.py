@@ -313,18 +313,7 @@ class FloorProbe:
 
     @staticmethod
     def _timer(adapter: ModelAdapter, kind: str, x: torch.Tensor) -> Callable[[], float]:
-        def call() -> float:
-            _sync(adapter)
-            start = time.perf_counter()
-            if kind == "forward":
-                with torch.inference_mode():
-                    adapter.logits(x)
-            else:
-                xg = x.detach().requires_grad_(True)
-                torch.autograd.grad(adapter.logits(xg)[:, 0].sum(), xg)
-            _sync(adapter)
-            return (time.perf_counter() - start) / x.shape[0]
-        return call
+        return lambda: evaluate(adapter, kind, x) / x.shape[0]
 
     def __call__(self, kind: str) -> float | None:
         call = self.calls.get(kind)
@@ -337,6 +326,21 @@ PROBE: FloorProbe | None = None  # set by main() once section (a) has found the 
 def _sync(adapter: ModelAdapter) -> None:
     if adapter.device.type == "cuda":
         torch.cuda.synchronize(adapter.device)
+
+
+def evaluate(adapter: ModelAdapter, kind: str, x: torch.Tensor) -> float:
+    """Seconds for one floor evaluation of the batch ``x``: a forward under inference_mode
+    ("forward") or a forward and a backward to the input ("gradient"), synchronised."""
+    _sync(adapter)
+    start = time.perf_counter()
+    if kind == "forward":
+        with torch.inference_mode():
+            adapter.logits(x)
+    else:
+        xg = x.detach().requires_grad_(True)
+        torch.autograd.grad(adapter.logits(xg)[:, 0].sum(), xg)
+    _sync(adapter)
+    return time.perf_counter() - start
 
 
 def measure(record: Record, adapter: ModelAdapter, n_images: int,
@@ -390,27 +394,12 @@ def floor(adapter: ModelAdapter, s: Settings) -> dict[str, Any]:
     h, w = adapter.input_size
     g = torch.Generator().manual_seed(0)
     out: dict[str, Any] = {"batch_sizes": {}, "repeats": s.floor_repeats}
-    target = torch.zeros((), dtype=torch.long)
-
-    def fwd(x: torch.Tensor) -> None:
-        with torch.inference_mode():
-            adapter.logits(x)
-
-    def fwd_bwd(x: torch.Tensor) -> None:
-        x = x.detach().requires_grad_(True)
-        y = adapter.logits(x)
-        torch.autograd.grad(y[:, target].sum(), x)
-
-    for kind, fn in (("forward", fwd), ("gradient", fwd_bwd)):
+    for kind in ("forward", "gradient"):
         for bs in s.floor_sizes:
             x = torch.rand(bs, 3, h, w, generator=g).to(adapter.device, adapter.dtype)
             try:
-                fn(x)  # warm-up (allocator, kernels)
-                times = []
-                for _ in range(s.floor_repeats):
-                    start = time.perf_counter()
-                    fn(x)
-                    times.append(time.perf_counter() - start)
+                evaluate(adapter, kind, x)  # warm-up (allocator, kernels)
+                times = [evaluate(adapter, kind, x) for _ in range(s.floor_repeats)]
             except RuntimeError as e:  # out of memory at a large batch: keep the smaller ones
                 out["batch_sizes"].setdefault(str(bs), {})[kind] = {"error": str(e)[:200]}
                 break
@@ -713,7 +702,7 @@ _PEAK_CHILD = (
 
 def streamed_memory(model: str, pretrained: bool, precision: str, counts: tuple[int, int],
                     s: Settings) -> dict[str, Any]:
-    """Peak memory of `vitxai compare` (six methods, batch 2) over N and 2N images, each run in
+    """Peak memory of `vitxai compare` (six methods, batch 2) over two image counts, each run in
     a fresh process (so nothing the benchmark allocated before counts): its peak resident set
     (ru_maxrss) and, on a GPU, its peak CUDA allocation."""
     from vitxai.compare import SEED_METHODS

@@ -167,6 +167,13 @@ def check_range(name: str, value: float, low: float | None, high: float | None, 
         raise ValueError(f"parameter {name}={value!r} is out of range {interval}")
 
 
+def check_batch_size(name: str, value: int | None) -> None:
+    """``value`` is None (the device's default, :func:`vitxai.batching.default_batch_size`)
+    or a chunk size ≥ 1; otherwise a one-line ValueError."""
+    if value is not None:
+        check_range(name, value, 1, None)
+
+
 def stable_seed(*parts: object) -> int:
     """A 63-bit seed derived from ``parts`` (stable across processes, unlike ``hash``)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()

@@ -28,7 +28,14 @@ import numpy as np
 import torch
 
 from vitxai.batching import AdaptiveBatch, default_batch_size, run_chunked
-from vitxai.methods.base import Attribution, BatchContext, Cost, check_range, register_method
+from vitxai.methods.base import (
+    Attribution,
+    BatchContext,
+    Cost,
+    check_batch_size,
+    check_range,
+    register_method,
+)
 from vitxai.models.adapter import ModelAdapter
 
 Baseline = Literal["mean", "black", "white", "uniform", "uniform_normalized"] | float
@@ -133,7 +140,8 @@ def path_gradient_sum(adapter: ModelAdapter, targets: torch.Tensor, starts: torc
     b, k = alphas.shape
     shape = starts.shape[2:]
     device = starts.device
-    internal_batch_size = internal_batch_size or default_batch_size(device)
+    if internal_batch_size is None:
+        internal_batch_size = default_batch_size(device)
     flat_alpha = alphas.reshape(-1).to(device, starts.dtype)
     flat_weight = weights.reshape(-1).to(device, starts.dtype)
     flat_targets = targets.to(device).repeat_interleave(k)
@@ -144,7 +152,7 @@ def path_gradient_sum(adapter: ModelAdapter, targets: torch.Tensor, starts: torc
     # out-of-memory back-off settles on changes the result only by float32 rounding
     total = torch.zeros(b, *shape, dtype=torch.float64, device=device)
 
-    def chunk(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def chunk(lo: int, hi: int) -> tuple[int, torch.Tensor]:
         flat = torch.arange(lo, hi, device=device)
         bi, ki = flat // k, flat % k
         alpha = flat_alpha[lo:hi].view(-1, 1, 1, 1)
@@ -164,10 +172,10 @@ def path_gradient_sum(adapter: ModelAdapter, targets: torch.Tensor, starts: torc
         first = int(bi[0])
         fold = torch.zeros(int(bi[-1]) - first + 1, hi - lo, dtype=grads.dtype, device=device)
         fold[bi - first, torch.arange(hi - lo, device=device)] = flat_weight[lo:hi]
-        return torch.tensor([first]), fold @ grads.reshape(hi - lo, -1)
+        return first, fold @ grads.reshape(hi - lo, -1)
 
-    def add(_lo: int, _hi: int, out: tuple[torch.Tensor, torch.Tensor]) -> None:
-        first, sums = int(out[0]), out[1]
+    def add(_lo: int, _hi: int, out: tuple[int, torch.Tensor]) -> None:
+        first, sums = out
         total[first:first + sums.shape[0]] += sums.view(-1, *shape).double()
 
     run_chunked(chunk, b * k, internal_batch_size, consume=add, batcher=batcher)
@@ -184,7 +192,7 @@ def gradients_at(adapter: ModelAdapter, targets: torch.Tensor, points: torch.Ten
     b, k = points.shape[:2]
     flat = points.reshape(b * k, *points.shape[2:])
     flat_targets = targets.to(points.device).repeat_interleave(k)
-    size = internal_batch_size or default_batch_size(points.device)
+    size = default_batch_size(points.device) if internal_batch_size is None else internal_batch_size
     grads = run_chunked(lambda lo, hi: target_gradient(adapter, flat[lo:hi],
                                                        flat_targets[lo:hi]),
                         b * k, size)
@@ -229,8 +237,7 @@ class IntegratedGradientsParams:
 
 def _check_ig(steps: int, method: str, internal_batch_size: int | None) -> None:
     check_range("steps", steps, 1, None)
-    if internal_batch_size is not None:
-        check_range("internal_batch_size", internal_batch_size, 1, None)
+    check_batch_size("internal_batch_size", internal_batch_size)
     if method not in _QUADRATURES:
         raise ValueError(
             f"parameter method={method!r} must be one of {', '.join(_QUADRATURES)}"
@@ -362,8 +369,7 @@ class GradientShapParams:
     def __post_init__(self) -> None:
         check_range("n_samples", self.n_samples, 1, None)
         check_range("stdevs", self.stdevs, 0.0, None)
-        if self.internal_batch_size is not None:
-            check_range("internal_batch_size", self.internal_batch_size, 1, None)
+        check_batch_size("internal_batch_size", self.internal_batch_size)
         if not self.baselines:
             raise ValueError("parameter baselines must name at least one baseline")
         for b in self.baselines:
@@ -420,8 +426,7 @@ class SaliencyParams:
     internal_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.internal_batch_size is not None:
-            check_range("internal_batch_size", self.internal_batch_size, 1, None)
+        check_batch_size("internal_batch_size", self.internal_batch_size)
 
 
 @register_method(
@@ -475,8 +480,7 @@ class InputXGradientParams:
 
     def __post_init__(self) -> None:
         _check_choice("space", self.space, INPUT_SPACES)
-        if self.internal_batch_size is not None:
-            check_range("internal_batch_size", self.internal_batch_size, 1, None)
+        check_batch_size("internal_batch_size", self.internal_batch_size)
 
 
 @register_method(
@@ -545,8 +549,7 @@ class SmoothGradParams:
         _check_choice("space", self.space, INPUT_SPACES)
         check_range("steps", self.steps, 1, None)
         check_baseline("baseline", self.baseline)
-        if self.internal_batch_size is not None:
-            check_range("internal_batch_size", self.internal_batch_size, 1, None)
+        check_batch_size("internal_batch_size", self.internal_batch_size)
 
 
 @register_method(

@@ -51,7 +51,14 @@ import torch
 import torch.nn.functional as F
 
 from vitxai.batching import AdaptiveBatch, default_batch_size, run_chunked
-from vitxai.methods.base import Attribution, BatchContext, Cost, check_range, register_method
+from vitxai.methods.base import (
+    Attribution,
+    BatchContext,
+    Cost,
+    check_batch_size,
+    check_range,
+    register_method,
+)
 from vitxai.methods.gradient import Baseline, check_baseline, make_baseline
 
 if TYPE_CHECKING:
@@ -325,7 +332,8 @@ def evaluate_masks(
         raise ValueError("evaluate_masks needs a baseline in pixel space")
     b = images.shape[0]
     device = images.device
-    batch_size = batch_size or default_batch_size(device)
+    if batch_size is None:
+        batch_size = default_batch_size(device)
     tgt = targets.to(device)
     rows = (torch.ones(b, n, dtype=torch.bool) if valid is None else valid.cpu()).nonzero()
     result = torch.full((b, n), float("nan"), dtype=torch.float64)
@@ -497,8 +505,7 @@ class LimeParams:
 
     def __post_init__(self) -> None:
         check_range("n_samples", self.n_samples, 2, None)
-        if self.batch_size is not None:
-            check_range("batch_size", self.batch_size, 1, None)
+        check_batch_size("batch_size", self.batch_size)
         check_range("kernel_width", self.kernel_width, 0, None, low_open=True)
         check_range("alpha", self.alpha, 0, None)
         _check_choice("output", self.output, ("probability", "logit"))
@@ -632,8 +639,7 @@ class KernelShapParams:
 
     def __post_init__(self) -> None:
         check_range("n_samples", self.n_samples, 3, None)
-        if self.batch_size is not None:
-            check_range("batch_size", self.batch_size, 1, None)
+        check_batch_size("batch_size", self.batch_size)
         _check_choice("output", self.output, ("probability", "logit"))
         _check_fill(self.fill)
         _check_space(self.space, self.token_fill)
@@ -794,8 +800,7 @@ class RiseParams:
         check_range("grid", self.grid, 1, None)
         check_range("p_keep", self.p_keep, 0.0, 1.0, low_open=True)
         check_baseline("baseline", self.baseline)
-        if self.batch_size is not None:
-            check_range("batch_size", self.batch_size, 1, None)
+        check_batch_size("batch_size", self.batch_size)
         _check_choice("output", self.output, ("probability", "logit"))
         _check_space(self.space, self.token_fill)
 
@@ -928,8 +933,7 @@ class OcclusionParams:
         check_range("window", self.window, 1, None)
         check_range("stride", self.stride, 1, None)
         _check_fill(self.fill)
-        if self.batch_size is not None:
-            check_range("batch_size", self.batch_size, 1, None)
+        check_batch_size("batch_size", self.batch_size)
         _check_choice("output", self.output, ("probability", "logit"))
         _check_space(self.space, self.token_fill)
 
