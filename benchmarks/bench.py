@@ -11,7 +11,7 @@ In one process, on one model, the same images, targets and sample counts, this m
   (c) references: lime's ``lime_image`` (its default batch of 10 and a batch of 64), captum's
       ``Lime`` and ``KernelShap`` on the same quickshift superpixels (perturbations_per_eval 1,
       captum's default, and 64), ``IntegratedGradients`` and ``GradientShap``;
-  (d) the original comparison's settings (seed-comparison.md §4): lime_image 750 samples in
+  (d) the original comparison's settings (docs/differences.md §4): lime_image 750 samples in
       batches of 10, captum KernelShap 1000 samples one per forward, captum IG defaults (all
       50 steps in one batch), captum GradientShap 50 samples;
   (e) peak memory of a streamed ``compare`` run over N and 2N images (flat = streaming works),

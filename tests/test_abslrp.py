@@ -1,4 +1,4 @@
-"""absLRP and contrastive relevance against methods.md §7 and §10 item 11 (float64)."""
+"""absLRP and contrastive relevance against docs/methods.md §7 and §10 item 11 (float64)."""
 
 from __future__ import annotations
 
@@ -402,13 +402,13 @@ def test_contrastive_peaks_at_one_even_below_absolute_epsilon():
 def test_method_maps_and_costs():
     adapter = tiny_vit(img_size=(32, 48), reg_tokens=1)
     x = images_for(adapter, 2)
-    res = attribute("absLRP", adapter, x, targets=[3, 7])
+    res = attribute("absLRP", adapter, x, [3, 7])
     assert res.method == "abslrp" and res.native_kind == "pixel"
     assert res.channels.shape == (2, 3, 32, 48) and res.maps.shape == (2, 32, 48)
     assert torch.allclose(res.maps, res.channels.sum(1))
     assert torch.allclose(res.channels.abs().amax(dim=(1, 2, 3)), torch.ones(2))
     assert (res.cost.forward, res.cost.backward) == (1, 2)
-    raw = attribute("abslrp", adapter, x, targets=[3, 7], contrastive=False)
+    raw = attribute("abslrp", adapter, x, [3, 7], contrastive=False)
     assert (raw.cost.forward, raw.cost.backward) == (1, 1)
     assert raw.channels.isfinite().all() and not torch.equal(raw.channels, res.channels)
 

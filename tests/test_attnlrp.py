@@ -214,7 +214,7 @@ def test_gelu_identity_rule_in_isolation() -> None:
 
 
 def test_gamma_rule_in_isolation() -> None:
-    """methods.md §5: w′ = w + γw⁺, w″ = w + γw⁻; for z_j ≥ 0, d_j = Σ_i (x⁺w′ + x⁻w″)_ij + b_j
+    """docs/methods.md §5: w′ = w + γw⁺, w″ = w + γw⁻; for z_j ≥ 0, d_j = Σ_i (x⁺w′ + x⁻w″)_ij + b_j
     + γb⁺_j and R_i = Σ_j (x⁺w′ + x⁻w″)_ij / d_j · R_j; for z_j < 0 w′ ↔ w″ and γb⁻."""
     a = tiny_vit(dtype=torch.float64)
     lin, gamma = a.model.blocks[0].mlp.fc1, 0.3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -180,3 +181,22 @@ def test_run_comparison_script_accepts_original_flags(image_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (out / "figures" / "sample_1.png").exists()
     assert (out / "maps").is_dir()
+
+
+@pytest.mark.parametrize("target", ["folder", "file"])
+def test_no_readable_image_is_one_line(tmp_path, capsys, target):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (folder / "b.png").write_bytes(b"")
+    data = folder if target == "folder" else folder / "a.jpg"
+    with warnings.catch_warnings(record=True):
+        code = main(["compare", "--data", str(data), *MODEL, "--methods", "attention_rollout",
+                     "--no-progress", "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    if target == "folder":  # readable files are only known to be unreadable once decoded
+        assert f"no readable images in {data}: 2 skipped, see" in err[0]
+    else:  # a single file is decoded up front
+        assert f"cannot read image {data}" in err[0]

@@ -1,4 +1,4 @@
-"""GAE with the fixes of evaluation.md §1 and its legacy mode (§5 items 1–4)."""
+"""GAE with the fixes of docs/evaluation.md §7 and its legacy mode (§10 items 1–4)."""
 
 from __future__ import annotations
 

@@ -141,7 +141,7 @@ def test_smoothgrad_transforms_non_negative(vit64, transform) -> None:
 @pytest.mark.parametrize(("space", "transform"), [("normalized", "none"),
                                                   ("pixel", "squared")])
 def test_smoothgrad_noise_is_absolute_in_normalised_units(linear, space, transform) -> None:
-    """σ is in normalised units and absolute: pixel noise is σ·std_c·ε (evaluation.md §5.8)."""
+    """σ is in normalised units and absolute: pixel noise is σ·std_c·ε (docs/methods.md §11)."""
     x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0),
                    dtype=torch.float64)
     t, n, sigma = torch.tensor([1, 3]), 5, 1.0

@@ -1,4 +1,4 @@
-"""Every registered method on every token layout (issue 4, item 5; methods.md §8 read-out).
+"""Every registered method on every token layout (issue 4, item 5; docs/methods.md §8 read-out).
 
 Layouts: a plain class-token ViT, a distilled DeiT (read-out = ½(CLS + DIST)), a ViT with
 register tokens, a non-square patch grid and a DINOv2-style ViT (LayerScale, registers,

@@ -74,8 +74,9 @@ def test_data_config_follows_model_not_imagenet_defaults():
     ("vit_small_patch14_reg4_dinov2", 5),
 ])
 def test_token_layout(name, prefix):
-    adapter = load_model(name, pretrained=False, img_size=56) if "dinov2" in name else \
-        load_model(name, pretrained=False)
+    # DINOv2 comes without head (refused): give it one, the layout is the backbone's
+    adapter = load_model(name, pretrained=False, img_size=56, num_classes=10) \
+        if "dinov2" in name else load_model(name, pretrained=False)
     assert adapter.num_prefix_tokens == prefix
     gh, gw = adapter.grid_size
     assert adapter.num_tokens == prefix + gh * gw

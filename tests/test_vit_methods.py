@@ -1,4 +1,4 @@
-"""Attention Rollout, Chefer 2021a and the ViT adapter against methods.md §10."""
+"""Attention Rollout, Chefer 2021a and the ViT adapter against docs/methods.md §10."""
 
 from __future__ import annotations
 

@@ -2,18 +2,27 @@
 
 Sub-commands: ``compare`` (the comparison, default on the bundled benchmark), ``methods``
 (the registry), ``data imagenette`` (download), ``train-benchmark`` (retrain the bundled ViT).
-Errors the user can fix are printed as one line (``vitxai: error: ...``) with exit code 2.
+Errors the user can fix are printed as one line (``vitxai: error: ...``) with exit code 2,
+errors of the environment (full disk, read-only or misplaced paths, corrupt files) as one line
+naming the file with exit code 1, and Ctrl-C as one line with exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import errno
+import io
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
+import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +32,16 @@ DEFAULT_IMAGENET_MODEL = "vit_base_patch16_224.orig_in21k_ft_in1k"  # the origin
 SOURCE_KEYS = ("data", "split", "n_images", "data_seed", "data_root", "variant", "model",
                "checkpoint", "random_weights", "precision", "device")
 SYNTHETIC_DEFAULT_SIZE = 12
+#: integer options and their least value (argparse accepts any int)
+COUNT_OPTIONS = {"n_images": 1, "sample_size": 1, "batch_size": 1, "steps": 1,
+                 "sanity_images": 0}
+#: errnos that only a write can cause
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
 
 
 def _parse_assignments(items: Sequence[str], what: str) -> dict[str, Any]:
-    """["a.b=1", "c=x"] → {"a.b": 1, "c": "x"} with JSON-ish values."""
+    """["a.b=1", "c=x"] → {"a.b": 1, "c": "x"}: JSON values, else Python literals (the
+    ``True``/``None`` that ``vitxai methods`` prints), else the raw string."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -35,8 +50,19 @@ def _parse_assignments(items: Sequence[str], what: str) -> dict[str, Any]:
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
-            out[key] = raw
+            try:
+                out[key] = ast.literal_eval(raw)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                out[key] = raw
     return out
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """One-line ValueError for an integer option below its least value."""
+    for name, low in COUNT_OPTIONS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}; got {value}")
 
 
 def _method_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -63,8 +89,10 @@ def _segmentation_overrides(args: argparse.Namespace, methods: Sequence[str],
         return
     from vitxai.methods import get_method
     from vitxai.methods.perturbation import SegmentationParams
+    from vitxai.params import build
 
-    seg = SegmentationParams(**_parse_assignments(args.segmentation, "--segmentation"))
+    seg = build(SegmentationParams, _parse_assignments(args.segmentation, "--segmentation"),
+                "--segmentation")
     for m in methods:
         spec = get_method(m)
         if "segments" in spec.uses:
@@ -104,7 +132,8 @@ def _load_model_and_data(args: argparse.Namespace):
         from vitxai.data.synthetic import SyntheticBenchmark
 
         dataset = SyntheticBenchmark(split=args.split or "single",
-                                     size=args.n_images or SYNTHETIC_DEFAULT_SIZE,
+                                     size=(SYNTHETIC_DEFAULT_SIZE if args.n_images is None
+                                           else args.n_images),
                                      seed=args.data_seed)
     elif data == "imagenette":
         dataset = Imagenette(root=args.data_root, variant=args.variant, split=args.split or "val",
@@ -151,13 +180,16 @@ def _print_summary(agg: dict[str, Any], out: Path, seconds: float) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from vitxai.compare import SEED_METHODS, CompareSettings, compare
     from vitxai.masks import MaskParams
+    from vitxai.methods import get_method
+    from vitxai.params import build
 
-    if args.sample_size is not None and args.sample_size <= 0:
-        raise ValueError("--sample_size must be a positive number of images")
+    _check_counts(args)
     methods = args.methods or list(SEED_METHODS)
     overrides = _method_overrides(args)
     _segmentation_overrides(args, methods, overrides)
-    mask = MaskParams(**_parse_assignments(args.mask, "--mask"))
+    for name, params in overrides.items():  # refuse before the model loads (minutes)
+        get_method(name).make_params(**params)
+    mask = build(MaskParams, _parse_assignments(args.mask, "--mask"), "--mask")
     if args.evaluate:
         args.save_attr_maps = True
     adapter, dataset, notes = _load_model_and_data(args)
@@ -186,7 +218,8 @@ def _evaluate_settings(args: argparse.Namespace):
     groups += [g for g in ("sanity", "gae") if getattr(args, g, False)]
     return EvaluateSettings(groups=groups, steps=args.steps, unit=args.unit,
                             baseline=args.baseline, topk=args.topk,
-                            sanity_images=args.sanity_images, seed=args.seed)
+                            sanity_images=args.sanity_images, seed=args.seed,
+                            allow_missing=args.allow_missing)
 
 
 def _run_evaluate(out: Path, adapter, dataset, args: argparse.Namespace) -> None:
@@ -199,11 +232,11 @@ def _run_evaluate(out: Path, adapter, dataset, args: argparse.Namespace) -> None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vitxai.store import finished_run
+
+    _check_counts(args)
     out = Path(args.run_dir)
-    config_path = out / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{out} is not a run directory (no config.json)")
-    config = json.loads(config_path.read_text())
+    config, _ = finished_run(out)  # refuse before loading the model
     source = config.get("source") or {}
     if not source:
         raise ValueError(f"{out} does not record its model and data; rerun `vitxai compare`")
@@ -299,6 +332,9 @@ def _add_evaluate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sanity", action="store_true",
                    help="also run cascading model randomisation (recomputes maps)")
     g.add_argument("--gae", action="store_true", help="also compute GAE (recomputes maps)")
+    g.add_argument("--allow-missing", action="store_true",
+                   help="evaluate the images whose maps are readable and list the others "
+                        "(default: a missing or corrupt map file is an error)")
     g.add_argument("--sanity-images", type=int, default=4,
                    help="images used by --sanity and --gae")
 
@@ -425,12 +461,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vitxai`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+def _failed_file(e: BaseException) -> tuple[str | None, str | None]:
+    """(path, open mode or None) of the file an I/O error is about.
+
+    ``OSError.filename`` where the call set it (open, mkdir, ...); a failed ``write()`` and a
+    safetensors error name no file, so then the innermost frame that holds an open file or a
+    ``filename`` argument (safetensors' ``load_file``/``save_file``) says which.
+    """
+    if isinstance(e, OSError) and isinstance(e.filename, str | bytes | os.PathLike):
+        return os.fsdecode(e.filename), None
+    for frame, _ in reversed(list(traceback.walk_tb(e.__traceback__))):
+        values = frame.f_locals
+        for value in values.values():
+            if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
+                return value.name, getattr(value, "mode", None)
+        if isinstance(values.get("filename"), str | os.PathLike):
+            return os.fsdecode(values["filename"]), None
+    return None, None
+
+
+def _io_error_line(e: Exception) -> str:
+    """One line for an OSError or a safetensors error: the operation, the file, the reason."""
+    path, mode = _failed_file(e)
+    if isinstance(e, OSError):
+        reason = e.strerror or str(e) or type(e).__name__
+        writing = e.errno in WRITE_ERRNOS or bool(mode and set(mode) & set("wax+"))
+        verb = ("write" if writing else "read" if mode else
+                "create" if e.errno in (errno.ENOTDIR, errno.EEXIST) else "open")
+    else:  # safetensors: "Error while (de)serializing ...: REASON (os error N)"
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = re.sub(r"\s*\(os error \d+\)$", "", text.rsplit(": ", 1)[-1])
+        verb = "read" if "deserializ" in text or "serializ" not in text else "write"
+    return f"cannot {verb} {path}: {reason}" if path else f"{verb} failed: {reason}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the sub-command; errors the user can fix exit 2, the environment's exit 1."""
     import torch
+    from safetensors import SafetensorError
 
     from vitxai.data import DownloadError
     from vitxai.models import ModelLoadError
@@ -440,13 +508,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, ModelLoadError, RunDirectoryError,
             DownloadError, torch.OutOfMemoryError) as e:  # OOM: after the batch size backed off
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, OSError) and e.errno is not None:
+            message = _io_error_line(e)
+        else:
+            message = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"vitxai: error: {message}", file=sys.stderr)
         return 2
+    except (OSError, SafetensorError) as e:  # full disk, read-only or misnamed paths, ...
+        print(f"vitxai: error: {_io_error_line(e)}", file=sys.stderr)
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vitxai`` console script."""
+    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+        # A write past the file-size limit (ulimit -f) first raises SIGXFSZ, whose default
+        # action kills the process without a word; ignored, the write fails with
+        # OSError(EFBIG), which is reported as one line like any other I/O error.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    format_warning = warnings.formatwarning
+    # a warning is one line too (the default adds the source line that raised it)
+    warnings.formatwarning = lambda message, *_, **__: f"vitxai: warning: {message}\n"
+    try:  # everything, heavy imports included, so that Ctrl-C at start-up is one line too
+        args = build_parser().parse_args(argv)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        return _run(args)
     except KeyboardInterrupt:
         print("vitxai: interrupted; finished batches are saved, rerun the same command to "
               "resume", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = format_warning
 
 
 if __name__ == "__main__":

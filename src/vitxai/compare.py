@@ -33,7 +33,7 @@ from vitxai.metrics.agreement import mask_vs_truth, overlap_matrices
 from vitxai.metrics.localization import mass_inside, pointing_game
 from vitxai.models.adapter import ModelAdapter
 from vitxai.report.figures import agreement_heatmap, sample_figure
-from vitxai.store import METHOD_ROWS, PAIR_ROWS, RunStore, read_rows
+from vitxai.store import MANIFEST, METHOD_ROWS, PAIR_ROWS, RunStore, read_rows, run_identity
 
 SEED_METHODS: tuple[str, ...] = (
     "lime", "kernel_shap", "integrated_gradients", "gradient_shap", "attention_rollout",
@@ -59,6 +59,9 @@ class CompareSettings:
         idx_sample_img: dataset index of the image shown in the sample figure (added to the
             selection if it was not drawn); None = the first selected image.
         save_attr_maps: write signed maps, native maps and masks (safetensors).
+        measure_memory: record each method's peak memory per batch, which resets the
+            process's peak-memory statistics (Linux ``/proc/self/clear_refs``, or CUDA's)
+            before every method; turn it off when the caller watches those statistics.
     """
 
     methods: Sequence[str] = SEED_METHODS
@@ -70,6 +73,7 @@ class CompareSettings:
     sample_size: int | None = None
     idx_sample_img: int | None = None
     save_attr_maps: bool = False
+    measure_memory: bool = True
 
 
 def _resolve_methods(adapter: ModelAdapter, settings: CompareSettings) -> dict[str, Any]:
@@ -318,7 +322,28 @@ def compare(adapter: ModelAdapter, dataset: ImageDataset, out: str | Path,
     if sample_index not in indices:
         indices = sorted([*indices, sample_index])
     config = run_config(adapter, dataset, s, params, indices, notes, source)
-    store = RunStore(out, config, overwrite=overwrite)
+    with RunStore(out, config, overwrite=overwrite) as store:
+        _run_batches(adapter, dataset, store, s, params, indices, sample_index, progress)
+        if not store.manifest["done"]:
+            raise ValueError(
+                f"no readable images in {dataset.describe().get('root', dataset.name)}: "
+                f"{len(store.manifest['skipped'])} "
+                f"skipped, see {store.root / MANIFEST}")
+        aggregates = aggregate(store.root, names)
+        aggregates["run"] = run_identity(config, store.manifest)
+        aggregates["skipped"] = store.manifest["skipped"]
+        aggregates["seconds"] = store.manifest["seconds"]
+        store.write_json("aggregates.json", aggregates)
+        write_figures(store, aggregates, names)
+        store.complete()
+    return aggregates
+
+
+def _run_batches(adapter: ModelAdapter, dataset: ImageDataset, store: RunStore,
+                 s: CompareSettings, params: Mapping[str, Any], indices: Sequence[int],
+                 sample_index: int | None, progress: bool) -> None:
+    """Compute and commit every batch the run directory does not hold yet."""
+    names = list(params)
     done = store.done_indices()
     todo = [i for i in indices if i not in done]
     bar = tqdm(total=len(indices), initial=len(indices) - len(todo), unit="img",
@@ -329,7 +354,7 @@ def compare(adapter: ModelAdapter, dataset: ImageDataset, out: str | Path,
             start = time.perf_counter()
             if sample_index in {i for i, _, _ in batch.skipped}:
                 warnings.warn(f"sample image {sample_index} is unreadable; the sample figure "
-                              "shows the next readable image instead", stacklevel=2)
+                              "shows the next readable image instead", stacklevel=3)
                 sample_index = None
             if sample_index is None and len(batch):
                 sample_index = batch.indices[0]
@@ -349,26 +374,18 @@ def compare(adapter: ModelAdapter, dataset: ImageDataset, out: str | Path,
             results, masks = {}, {}
             for name in names:
                 r = attribute(name, adapter, x, targets, context=ctx,
-                              method_params=params[name])
+                              method_params=params[name], measure_memory=s.measure_memory)
                 results[name] = r
                 masks[name] = unified_masks(r.channels if r.channels is not None else r.maps,
                                             s.mask)
             method_rows, pair_rows = _batch_rows(batch, names, results, masks, predictions,
                                                  probs, targets)
-            if s.save_attr_maps:
-                store.save_maps(batch.indices[0], _maps_record(batch, results, masks))
+            maps_file = (store.save_maps(batch.indices[0], _maps_record(batch, results, masks))
+                         if s.save_attr_maps else None)
             if sample_index in batch.indices:
                 _sample_plot(store, batch, batch.indices.index(sample_index), names, results,
                              masks, targets, predictions, dataset.class_names)
             store.finish_batch(method_rows, pair_rows, batch.indices, batch.skipped,
-                               time.perf_counter() - start)
+                               time.perf_counter() - start, maps_file)
             bar.update(len(batch) + len(batch.skipped))
     bar.close()
-    aggregates = aggregate(store.root, names)
-    aggregates["skipped"] = store.manifest["skipped"]
-    aggregates["seconds"] = store.manifest["seconds"]
-    store.write_json("aggregates.json", aggregates)
-    if aggregates["subsets"]["all"]["n_images"]:
-        write_figures(store, aggregates, names)
-    store.complete()
-    return aggregates

@@ -23,7 +23,6 @@ out of each mean and counted.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,16 @@ from tqdm.auto import tqdm
 
 from vitxai.data.datasets import ImageDataset
 from vitxai.models.adapter import ModelAdapter
-from vitxai.store import RunDirectoryError, append_csv, load_maps, write_json
+from vitxai.store import (
+    EVALUATION,
+    EVALUATION_ROWS,
+    RunLock,
+    finished_run,
+    read_maps,
+    run_identity,
+    write_csv,
+    write_json,
+)
 
 #: score → (label, higher is better; None = descriptive)
 SCORES: dict[str, tuple[str, bool | None]] = {
@@ -71,6 +79,8 @@ class EvaluateSettings:
         images_per_step: images evaluated together.
         sanity_images: images used by the randomisation test.
         seed: for baselines and the randomisation.
+        allow_missing: skip images whose map file is missing or unreadable (listed in the
+            results and the report) instead of refusing the run.
     """
 
     groups: Sequence[str] = ("faithfulness", "localization", "complexity", "agreement")
@@ -83,6 +93,7 @@ class EvaluateSettings:
     sanity_images: int = 4
     seed: int = 0
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    allow_missing: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.groups) - set(ALL_GROUPS)
@@ -171,18 +182,24 @@ def evaluate(run_dir: str | Path, adapter: ModelAdapter, dataset: ImageDataset,
              settings: EvaluateSettings | None = None, *, progress: bool = True
              ) -> dict[str, Any]:
     """Evaluate a run's saved maps and write ``evaluation.json`` and
-    ``per_image_evaluation.csv`` into the run directory (see the module docstring)."""
+    ``per_image_evaluation.csv`` into the run directory (see the module docstring).
+
+    Only a finished run is evaluated, under the run directory's lock. Every committed map
+    file must be readable unless ``settings.allow_missing``; the results record the run's
+    fingerprint and image count, so a report never mixes them with another run.
+    """
+    with RunLock(run_dir):
+        return _evaluate(Path(run_dir), adapter, dataset, settings or EvaluateSettings(),
+                         progress)
+
+
+def _evaluate(root: Path, adapter: ModelAdapter, dataset: ImageDataset, s: EvaluateSettings,
+              progress: bool) -> dict[str, Any]:
     from vitxai.metrics.rank_agreement import agreement_table
 
-    s = settings or EvaluateSettings()
-    root = Path(run_dir)
-    config = json.loads((root / "config.json").read_text())
+    config, manifest = finished_run(root)
     names = list(config["methods"])
-    try:
-        saved = load_maps(root)
-    except RunDirectoryError as e:
-        raise RunDirectoryError(
-            f"{root} has no saved maps; rerun the comparison with --save_attr_maps") from e
+    saved, missing = read_maps(root, allow_missing=s.allow_missing)
     indices = saved["index"].tolist()
     targets_all = saved["target"]
     rows: list[dict[str, Any]] = []
@@ -249,11 +266,21 @@ def evaluate(run_dir: str | Path, adapter: ModelAdapter, dataset: ImageDataset,
             "text": "Mean target probability as the most relevant units are deleted (left) or "
                     "inserted (right).", "header": [], "rows": [],
             "figures": [str(figure.relative_to(root))]}
-    result = {"settings": {k: v for k, v in s.__dict__.items()}, "tables": tables,
-              "n_images": len(indices)}
-    (root / "per_image_evaluation.csv").unlink(missing_ok=True)
-    append_csv(root / "per_image_evaluation.csv", _uniform(rows))
-    write_json(root / "evaluation.json", result)
+    if missing:
+        tables["Images skipped: missing map files"] = {
+            "text": f"{sum(len(m['indices'] or ()) for m in missing)} images were not evaluated "
+                    "because their maps could not be read (--allow-missing).",
+            "header": ["file", "reason", "images"],
+            "rows": [[str(m["file"]), m["reason"], " ".join(map(str, m["indices"] or ["?"]))]
+                     for m in missing]}
+    result = {"run": run_identity(config, manifest),
+              "settings": {k: v for k, v in s.__dict__.items()}, "tables": tables,
+              "n_images": len(indices), "missing_maps": missing}
+    # evaluation.json goes first and comes back last: a kill in between leaves no results
+    # rather than results that do not match their rows
+    (root / EVALUATION).unlink(missing_ok=True)
+    write_csv(root / EVALUATION_ROWS, _uniform(rows))
+    write_json(root / EVALUATION, result)
     return result
 
 
@@ -267,10 +294,9 @@ def _uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _curve_figure(root: Path, curves: dict[str, list]) -> Path | None:
     if not any(curves.values()):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from vitxai.report.figures import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for name, parts in curves.items():
@@ -288,29 +314,35 @@ def _curve_figure(root: Path, curves: dict[str, list]) -> Path | None:
     fig.tight_layout()
     path = root / "figures" / "faithfulness_curves.png"
     path.parent.mkdir(exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def _recomputing_groups(adapter: ModelAdapter, dataset: ImageDataset, indices: list[int],
                         targets: torch.Tensor, names: Sequence[str], config: dict[str, Any],
                         s: EvaluateSettings) -> dict[str, Any]:
-    """Sanity and GAE: they need fresh maps, so they run on a few images only."""
+    """Sanity and GAE: they need fresh maps, so they run on a few images only.
+
+    ``targets`` (N,) are the saved targets aligned with ``indices``. Sanity uses the first
+    ``s.sanity_images`` images; GAE draws ``s.sanity_images // 4`` groups of four at random
+    (seed ``s.seed``) with classes (the targets) different within a group where the data
+    allows, as its contrastiveness is 1 for any map when a mosaic shows one class only.
+    """
     from vitxai.methods import attribute, get_method
 
     out: dict[str, Any] = {"tables": {}, "per_image": {}}
     n = min(s.sanity_images, len(indices))
     if n == 0:
         return out
-    chosen = indices[:n]
-    images = torch.stack([dataset.load(i).image for i in chosen]).to(adapter.device,
-                                                                     adapter.dtype)
-    t = targets[:n]
+
+    def load(chosen: Sequence[int]) -> torch.Tensor:
+        return torch.stack([dataset.load(i).image for i in chosen]).to(adapter.device,
+                                                                       adapter.dtype)
+
     params = {name: get_method(name).make_params(**_params(config, name)) for name in names}
     if "sanity" in s.groups:
         from vitxai.metrics.sanity import model_randomisation
 
+        images, t = load(indices[:n]), targets[:n]
         body = []
         for name in names:
             sims = model_randomisation(adapter, name, images, t, mode="cascading",
@@ -326,10 +358,11 @@ def _recomputing_groups(adapter: ModelAdapter, dataset: ImageDataset, indices: l
             "header": ["method", "head randomised", "all randomised", "images"],
             "rows": body}
     if "gae" in s.groups and n >= 4:
-        from vitxai.metrics.gae import gae
+        from vitxai.metrics.gae import gae, mosaic_groups
 
         body = []
-        group = images[: 4 * (n // 4)]
+        groups = mosaic_groups(targets.tolist(), n // 4, s.seed)
+        group = load([indices[k] for members in groups for k in members])
         for name in names:
             def relevance(x, tt, name=name):
                 return attribute(name, adapter, x, tt, method_params=params[name]).maps
@@ -338,8 +371,9 @@ def _recomputing_groups(adapter: ModelAdapter, dataset: ImageDataset, indices: l
                                   ("faithfulness", "robustness", "local_consistency",
                                    "contrastiveness", "gae")])
         out["tables"]["GAE (Vukadin et al. 2024, fixed)"] = {
-            "text": f"On {group.shape[0]} images in groups of four; every component in its "
-                    "range (GAE, LC, C in [0, 1]).",
+            "text": f"On {group.shape[0]} images in groups of four drawn at random (seed "
+                    f"{s.seed}), classes different within a group where the data allows; every "
+                    "component in its range (GAE, LC, C in [0, 1]).",
             "header": ["method", "F", "Rob", "LC", "C", "GAE"], "rows": body}
     return out
 

@@ -19,7 +19,7 @@ thresholds:
 :func:`unified_mask` runs the pipeline on one map, :func:`unified_masks` on a batch.
 The parameters are gathered in :class:`MaskParams`.
 
-Differences from the original comparison [2]_ (``seed-comparison.md`` sections 5 and 8,
+Differences from the original comparison [2]_ (``docs/differences.md`` sections 5 and 8,
 defects 7-9), each deliberate:
 
 - The same pipeline, post-processing included, is applied to every method; the original
@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
+
+from vitxai.params import check_instance_types
 
 if TYPE_CHECKING:
     import torch
@@ -130,6 +132,7 @@ class MaskParams:
     connectivity: int = 8
 
     def __post_init__(self) -> None:
+        check_instance_types(self, prefix="mask.")
         for name in ("clip_negative", "postprocess", "fill_holes"):
             _check_bool(name, getattr(self, name))
         _check_choice("channel_reduce", self.channel_reduce, CHANNEL_REDUCTIONS)

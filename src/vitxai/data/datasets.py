@@ -123,6 +123,41 @@ def _is_image_file(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _image_paths(root: Path) -> list[Path]:
+    """Image files below directory ``root``, sorted by relative path, each real file once.
+
+    Symbolic links to directories are followed (a dataset may link class folders from
+    elsewhere), but every real directory is read once: the plain tree first, then the linked
+    directories breadth-first, so a link back up the tree (``ln -s . loop``) adds nothing.
+    A file reached by several paths (through directory or file links) is listed once, under
+    a path without links where there is one. Hidden files and folders are skipped.
+    """
+    seen_dirs: set[str] = set()
+    # real path -> (reached through a link, first such path): a direct path wins over links
+    found: dict[str, tuple[bool, Path]] = {}
+    pending = [root]
+    while pending:
+        top = pending.pop(0)
+        # followlinks=False: linked directories are queued instead, so that the whole plain
+        # tree (and each earlier link) claims its directories before later links reach them
+        for dirpath, dirnames, filenames in os.walk(top):
+            real_dir = os.path.realpath(dirpath)
+            if real_dir in seen_dirs:
+                dirnames[:] = []
+                continue
+            seen_dirs.add(real_dir)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            pending += [Path(dirpath, d) for d in dirnames if os.path.islink(Path(dirpath, d))]
+            for f in sorted(f for f in filenames if _is_image_file(f)):
+                path = Path(dirpath, f)
+                link = path.is_symlink()
+                real = os.path.realpath(path) if link else os.path.join(real_dir, f)
+                linked = link or top is not root
+                if real not in found or (found[real][0] and not linked):
+                    found[real] = (linked, path)
+    return sorted((p for _, p in found.values()), key=lambda p: p.relative_to(root).as_posix())
+
+
 class _ImageFiles(ImageDataset):
     """A dataset backed by a list of image files with known (or -1) labels."""
 
@@ -147,6 +182,10 @@ class _ImageFiles(ImageDataset):
 class FolderDataset(_ImageFiles):
     """Any folder of images (searched recursively, sorted by relative path) or one image file.
 
+    Symbolic links to folders are followed, each real folder and file read once (see
+    :func:`_image_paths`). A single file is decoded once at construction, so a file that is
+    not a readable image fails here, not later.
+
     Labels: an image inside a top-level subfolder named after an ImageNet-1k WordNet id
     (e.g. ``root/n01440764/x.jpg``) gets that class index; all others get -1 and keep their
     top-level folder name in ``folders`` (empty string for files directly in ``root``).
@@ -157,18 +196,18 @@ class FolderDataset(_ImageFiles):
         if not self.root.exists():
             raise FileNotFoundError(f"image path not found: {self.root}")
         if self.root.is_file():
+            try:
+                load_rgb(self.root)
+            except UnreadableImageError as e:
+                raise ValueError(f"{e}; pass an image file or a folder of images") from e
             paths = [self.root]
         else:
-            paths = []
-            for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                paths += [Path(dirpath, f) for f in filenames if _is_image_file(f)]
+            paths = _image_paths(self.root)
             if not paths:
                 raise ValueError(
                     f"no images found in {self.root} (searched recursively for "
                     f"{' '.join(sorted(IMAGE_EXTENSIONS))})"
                 )
-            paths.sort(key=lambda p: p.relative_to(self.root).as_posix())
         rel = [p.relative_to(self.root).parts for p in paths]  # () for a single file
         self.folders = [parts[0] if len(parts) > 1 else "" for parts in rel]
         index = _imagenet_index()

@@ -1,6 +1,6 @@
 """Reading image files as 8-bit RGB, whatever their mode.
 
-The seed comparison fed CMYK, RGBA and grey files straight to the model (defect 14); here
+The original code fed CMYK, RGBA and grey files to the model (docs/differences.md, defect 14); here
 every file goes through :func:`load_rgb`, which either returns an RGB image or raises
 :class:`UnreadableImageError` with a one-line reason.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 #: Lower-case file suffixes treated as images when scanning folders.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -21,6 +21,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 # Modes carrying an alpha channel (or a transparent palette entry, handled separately).
 _ALPHA_MODES = {"LA", "La", "RGBA", "RGBa", "PA"}
 _UINT16_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+_EXIF_ORIENTATION = 0x0112  # 1 = upright; 2–8 = mirrored and/or rotated
 
 
 class UnreadableImageError(ValueError):
@@ -96,14 +97,18 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    """Read an image file as an 8-bit RGB PIL image (first frame of multi-frame files).
+    """Read an image file as an 8-bit RGB PIL image (first frame of multi-frame files), upright.
 
+    An EXIF Orientation tag (cameras store the sensor's pixels and note the rotation) is
+    applied, so the image is seen as photo viewers show it.
     Raises :class:`UnreadableImageError` (a ValueError) for missing, corrupt, truncated or
     non-image files and for modes that cannot be converted.
     """
     try:
         with Image.open(path) as img:
             img.load()  # decode now: truncated data only fails here
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                ImageOps.exif_transpose(img, in_place=True)
             rgb = to_rgb(img)
             # Detach from the file handle, which the with-block closes.
             return rgb.copy() if rgb is img else rgb

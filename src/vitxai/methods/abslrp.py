@@ -2,7 +2,7 @@
 
 "Advancing Attribution-Based Neural Network Explainability through Relative Absolute Magnitude
 Layer-Wise Relevance Propagation and Multi-Component Evaluation", doi 10.1145/3649458. The
-paper-era rule of methods.md §7, applied explicitly and batched to activations that one
+paper-era rule of docs/methods.md §7, applied explicitly and batched to activations that one
 forward pass of an *unmodified* model records with forward hooks (as in :mod:`.lrp`): no
 forward is patched and no twin module is built.
 
@@ -34,7 +34,7 @@ LayerNorm and softmax multiply by the signed input x, so there only each stream'
 
 Deviation from the reference code: N1 and the split ratios divide exactly (0 for an all-zero
 vector) instead of adding 1e-9, which would shrink small masses. The repository-HEAD
-compatibility mode (methods.md §7) is not implemented.
+compatibility mode (docs/methods.md §7) is not implemented.
 """
 
 from __future__ import annotations
@@ -496,7 +496,7 @@ def contrastive_relevance(positive: torch.Tensor, negative: torch.Tensor) -> tor
 
 @dataclass(frozen=True)
 class AbsLRPParams:
-    """absLRP (paper-era rule, methods.md §7).
+    """absLRP (paper-era rule, docs/methods.md §7).
 
     Attributes:
         contrastive: True (the paper's output): N1(absLRP(onehot(y))) − N1(absLRP(others)),

@@ -3,7 +3,7 @@
 All attention methods of a batch read one captured pass (:func:`vit_pass`): a single forward
 that records every block's attention and, when any planned method needs them, the block
 activations and one backward for the attention gradients. Rollout keeps only the CLS row of
-the product, O(L·N²) instead of O(L·N³) (methods.md §8).
+the product, O(L·N²) instead of O(L·N³) (docs/methods.md §8).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def pass_cost(vp: ViTPass, reused: bool) -> Cost:
 def readout_row(adapter: ViTAdapter, n_tokens: int, batch: int, dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor:
     """The (B, N) read-out vector: e₀ (CLS), or ½(e₀ + e₁) for distilled DeiT, whose eval head
-    averages the CLS and distillation heads (methods.md §8)."""
+    averages the CLS and distillation heads (docs/methods.md §8)."""
     if adapter.global_pool not in ("token", "") and not adapter.distilled:
         raise ValueError(
             f"read-out for global_pool={adapter.global_pool!r} is not supported yet; "
@@ -119,10 +119,12 @@ def residual_product_row(adapter: ViTAdapter, like: torch.Tensor, start: int,
 def to_patch_map(adapter: ViTAdapter, row: torch.Tensor, images: torch.Tensor) -> tuple[
         torch.Tensor, torch.Tensor]:
     """Drop the prefix columns of a (B, N) token row and return (native (B, gh, gw),
-    bilinear upsampled map (B, H, W))."""
+    bilinear upsampled map (B, H, W)), the map in at least float32 (float64 rows stay
+    float64, so float64 models give exact maps)."""
     gh, gw = adapter.grid_of(images)
     native = row[:, adapter.num_prefix_tokens:].reshape(row.shape[0], gh, gw)
-    full = F.interpolate(native[:, None].float(), size=images.shape[-2:], mode="bilinear",
+    wide = native[:, None].to(torch.promote_types(native.dtype, torch.float32))
+    full = F.interpolate(wide, size=images.shape[-2:], mode="bilinear",
                          align_corners=False)[:, 0]
     return native, full
 
@@ -287,7 +289,7 @@ class GradRolloutParams:
         legacy: reproduce vit-explain exactly: the "gradient" is ∂y/∂(scaled scores) (its
             module backward hook on an eval-mode Dropout lands on the softmax backward),
             layers paired in reverse (block l gets block L−1−l's gradient), and row
-            normalisation without keepdim (methods.md §2).
+            normalisation without keepdim (docs/methods.md §2).
     """
 
     discard_ratio: float = 0.9
@@ -370,7 +372,7 @@ class Chefer2021bParams:
 )
 def chefer2021b(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
                 p: Chefer2021bParams, context: BatchContext) -> Attribution:
-    """Equals (I + Ā_{L−1})…(I + Ā_s) with Ā = mean_h max(G ⊙ A, 0) (methods.md §4)."""
+    """Equals (I + Ā_{L−1})…(I + Ā_s) with Ā = mean_h max(G ⊙ A, 0) (docs/methods.md §4)."""
     start = p.start_layer + adapter.depth if p.start_layer < 0 else p.start_layer
     if not 0 <= start < adapter.depth:
         raise ValueError(f"parameter start_layer={p.start_layer} is out of range "

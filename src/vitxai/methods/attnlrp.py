@@ -2,7 +2,7 @@
 Relevance Propagation for Transformers"; reference code LXT) on an unmodified timm ViT.
 
 Relevance of a tensor t is R_t = t ⊙ ∂̃y_c/∂t, where ∂̃ is ordinary backprop of the pre-softmax
-logit y_c with the LRP rules of methods.md §5 put into the backward pass. :func:`lrp_rules` is a
+logit y_c with the LRP rules of docs/methods.md §5 in the backward pass. :func:`lrp_rules` is a
 zennit-style context manager that installs them by replacing ``forward`` on individual module
 *instances* (never on classes, never on torch functions) and restores every instance on exit,
 also when the body raises. Under the rules the forward VALUE is unchanged; only gradients change:
@@ -16,9 +16,9 @@ also when the body raises. Under the rules the forward VALUE is unchanged; only 
   and k at q·kᵀ and ×½ into A and v at A·V. Softmax keeps its plain gradient (its LRP rule is
   gradient × input), and softmax's backward is linear in its upstream gradient, so the ½ on A
   passes unchanged to the scores: q and k end up with ×¼ of the plain gradient through the
-  attention path, v with ×½ (methods.md §5; the tests check this against SDPA with exactly
+  attention path, v with ×½ (docs/methods.md §5; the tests check this against SDPA with exactly
   those scalings). ``"cplrp"`` detaches q and k (A is a constant) and leaves v unscaled.
-- Linear, ``gamma`` > 0: the γ-rule of methods.md §5 (w′ = w + γw⁺, w″ = w + γw⁻, bias
+- Linear, ``gamma`` > 0: the γ-rule of docs/methods.md §5 (w′ = w + γw⁺, w″ = w + γw⁻, bias
   b + γb^±, chosen by the sign of z); ``gamma`` = 0 is the plain gradient (ε-rule, ε → 0).
   The patch-embedding Conv2d always keeps the plain gradient.
 - Residual adds, LayerScale, the read-out and the head: plain gradient.

@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from vitxai.models.adapter import check_classifier_head
+from vitxai.params import check_types
+
 if TYPE_CHECKING:
     from vitxai.models.adapter import ModelAdapter
 
@@ -37,6 +40,14 @@ class Cost:
     the same batch (they are then not spent again); ``peak_memory_mb`` is the peak CUDA
     allocation during the call on a GPU, or on the CPU the process's peak resident memory
     during the call (model and data included; Linux only, else None).
+
+    The peak is read from the device's or the process's high-water mark, which only ever
+    rises, and :func:`attribute` leaves that mark alone by default: the value is then the
+    call's exact peak when the mark rose during the call, and None (unknown: at most the
+    earlier mark) when it did not. ``attribute(..., measure_memory=True)`` resets the mark
+    first (``torch.cuda.reset_peak_memory_stats`` or Linux ``/proc/self/clear_refs``: global
+    state of the process, so only for programs that own it, like the CLI and the benchmark)
+    and always gives the call's peak.
     """
 
     forward: int = 0
@@ -92,7 +103,8 @@ class MethodSpec:
     uses: frozenset[str] = frozenset()  # shared per-batch work: "segments", "attention", "lrp"
 
     def make_params(self, **overrides: Any) -> Any:
-        """Build this method's parameter dataclass, rejecting unknown names."""
+        """Build this method's parameter dataclass, rejecting unknown names and values whose
+        type does not fit the field's annotation (before the dataclass's range checks)."""
         names = {f.name for f in dataclasses.fields(self.params)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -100,6 +112,7 @@ class MethodSpec:
                 f"method {self.name!r} has no parameter {', '.join(unknown)}; "
                 f"its parameters are: {', '.join(sorted(names)) or '(none)'}"
             )
+        check_types(self.params, overrides, prefix=f"{self.name}.")
         return self.params(**overrides)
 
 
@@ -240,18 +253,26 @@ def resolve_targets(adapter: ModelAdapter, images: torch.Tensor,
     return t.cpu()
 
 
-def _reset_peak_memory(device: torch.device) -> None:
+def _reset_peak_memory(device: torch.device) -> bool:
+    """Reset the high-water mark read by :func:`_peak_memory_mb`; whether that worked.
+
+    Process-wide side effect (other code's peak statistics are lost too): called only when
+    asked for (``measure_memory``) and by the benchmark, never by default.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return True
     try:  # Linux: writing 5 resets the peak resident set size (VmHWM) of this process
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
+        return True
     except OSError:
-        pass
+        return False
 
 
 def _peak_memory_mb(device: torch.device) -> float | None:
+    """The high-water mark in MiB: peak CUDA allocation, or the process's VmHWM (Linux);
+    None where unavailable."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
@@ -269,13 +290,18 @@ def attribute(
     adapter: ModelAdapter,
     images: torch.Tensor,
     targets: torch.Tensor | Sequence[int] | int | None = None,
+    /,
     *,
     context: BatchContext | None = None,
     seed: int = 0,
     method_params: Any | None = None,
+    measure_memory: bool = False,
     **params: Any,
 ) -> Attribution:
     """Run one registered method on a batch (captum-style single verb).
+
+    The first four arguments are positional-only, so that a method parameter of the same
+    name (Integrated Gradients' ``method="riemann_left"``) reaches the method.
 
     Args:
         method: registry name or alias, e.g. "lime", "integrated_gradients", "chefer2021a".
@@ -285,12 +311,20 @@ def attribute(
         context: shared per-batch work; made fresh (with ``seed``) when omitted.
         method_params: a ready parameter dataclass of this method (then ``params`` must be
             empty).
+        measure_memory: reset the process's (or GPU's) peak-memory statistics before the
+            call so that ``cost.peak_memory_mb`` is always the call's peak; off by default,
+            as it changes global state (see :class:`Cost`).
         **params: the method's parameters (see ``vitxai methods``).
 
     Returns:
         An :class:`Attribution` whose ``maps`` have shape (B, H, W).
+
+    Raises:
+        ValueError: unknown method or parameter, a ViT-only method on another model, a model
+            without classifier head, badly shaped images or targets.
     """
     spec = get_method(method)
+    check_classifier_head(adapter.model, adapter.name)
     if spec.vit_only and not adapter.is_vit:
         raise ValueError(
             f"method {spec.name!r} needs a ViT (timm VisionTransformer); "
@@ -304,12 +338,16 @@ def attribute(
     images = images.to(adapter.device, adapter.dtype)
     t = resolve_targets(adapter, images, targets)
     ctx = context or BatchContext.for_batch(images.shape[0], seed=seed, planned=[spec.name])
-    _reset_peak_memory(adapter.device)
+    reset = measure_memory and _reset_peak_memory(adapter.device)
+    before = _peak_memory_mb(adapter.device)
     start = time.perf_counter()
     result = spec.fn(adapter, images, t, p, ctx)
     if not result.cost.seconds:
         result.cost.seconds = time.perf_counter() - start
-    result.cost.peak_memory_mb = _peak_memory_mb(adapter.device)
+    after = _peak_memory_mb(adapter.device)
+    # without a reset the mark may predate the call: it is the call's peak only if it rose
+    rose = before is not None and after is not None and after > before
+    result.cost.peak_memory_mb = after if reset or rose else None
     # float32 results (bf16/fp16 runs included); float64 models keep float64 for exact tests
     dtype = torch.float64 if adapter.dtype == torch.float64 else torch.float32
     result.maps = result.maps.detach().to("cpu", dtype)

@@ -516,7 +516,7 @@ class SmoothGradParams:
     *normalised* units (σ_pixel = stdev·σ_c per channel) is added to the image, the base method
     is applied to the noisy image, ``transform`` is applied per sample and channel, and the
     results are averaged (captum's NoiseTunnel: "smoothgrad", "smoothgrad_sq" = "squared").
-    IDSDS's IxG-SG / IG-SG: 4 samples, σ = 1.0 absolute (evaluation.md §2).
+    IDSDS's IxG-SG / IG-SG: 4 samples, σ = 1.0 absolute (docs/evaluation.md §2).
 
     Attributes:
         base: "ixg" (Input×Gradient) or "ig" (Integrated Gradients).

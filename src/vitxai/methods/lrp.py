@@ -1,11 +1,11 @@
 """Chefer et al. 2021a, "Transformer Interpretability Beyond Attention Visualization" (CVPR).
 
 Relevance propagation runs on an *unmodified* timm ViT: the shared pass records each block's
-activations with forward hooks (methods.md §8), and the rules below are applied explicitly,
+activations with forward hooks (docs/methods.md §8), and the rules below are applied explicitly,
 batched, with every sum taken per sample (the reference sums the residual rule over the whole
 batch, so its maps are only right for batch 1: Transformer-Explainability #22, #32).
 
-Rules (methods.md §3, LRP α=1, β=0):
+Rules (docs/methods.md §3, LRP α=1, β=0):
 - Linear: z⁺_ij = x⁺_i w⁺_ij + x⁻_i w⁻_ij, R_i = Σ_j z⁺_ij / Σ_i′ z⁺_i′j · R_j (bias excluded).
 - Identity for LayerNorm, GELU, softmax, dropout, LayerScale.
 - A·V and q·kᵀ: gradient × input on each operand, both halved.

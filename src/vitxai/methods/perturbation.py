@@ -21,7 +21,7 @@ indicators:
   φ0 = f(∅) and Σφ = f(x) − f(∅); with all coalitions enumerated the result is the exact
   Shapley value.
 
-What the original comparison got wrong and this module fixes (seed-comparison.md §8): the
+What the original comparison got wrong and this module fixes (docs/differences.md §8): the
 superpixels are computed on the displayable [0, 1] image, not the normalised one (defect 4);
 images are never transposed (defect 2); the fitted output is the target's softmax probability
 by default, logits only on request (defect 3); every random draw is seeded per image (defect
@@ -60,6 +60,7 @@ from vitxai.methods.base import (
     register_method,
 )
 from vitxai.methods.gradient import Baseline, check_baseline, make_baseline
+from vitxai.params import build, check_instance_types
 
 if TYPE_CHECKING:
     from vitxai.models.adapter import ModelAdapter, ViTAdapter
@@ -130,6 +131,7 @@ class SegmentationParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_instance_types(self, prefix="segmentation.")
         _check_choice("segmentation.algorithm", self.algorithm, ("quickshift", "slic"))
         check_range("segmentation.kernel_size", self.kernel_size, 0, None, low_open=True)
         check_range("segmentation.max_dist", self.max_dist, 0, None, low_open=True)
@@ -143,7 +145,7 @@ def _as_segmentation(value: SegmentationParams | dict[str, Any]) -> Segmentation
     if isinstance(value, SegmentationParams):
         return value
     if isinstance(value, dict):
-        return SegmentationParams(**value)
+        return build(SegmentationParams, value, "segmentation")
     raise ValueError(f"parameter segmentation={value!r} must be SegmentationParams or a dict")
 
 

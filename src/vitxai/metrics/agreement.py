@@ -10,7 +10,7 @@ For masks A and B (sets of salient pixels, e.g. from :func:`vitxai.masks.unified
 Undefined values. A ratio whose denominator is 0 is undefined and returned as NaN:
 IoU and Dice when both masks are empty, Coverage(A -> B) when A is empty. The original
 comparison scored these cases 0, which made two methods that both mark nothing look
-like they disagree completely (``seed-comparison.md``, defect 10).
+like they disagree completely (``docs/differences.md`` §8, defect 10).
 :func:`aggregate_matrices` excludes NaN from the mean and reports how many images each
 mean is based on. One empty and one non-empty mask is a defined total disagreement:
 IoU = Dice = 0, Coverage(non-empty -> empty) = 0.

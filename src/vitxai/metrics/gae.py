@@ -24,7 +24,7 @@ unmodified model; T masking steps. For each group of four images:
    relevance of the mosaic for class c.
 9. **GAE** = LC·C ∈ [0, 1] per positive image.
 
-Fixes of the reference code (evaluation.md §1), applied unless noted:
+Fixes of the reference code (docs/evaluation.md §7), applied unless noted:
 
 * (a) each mosaic and its positive come from the same four consecutive images, for any batch
   size (the reference tiles images m, M+m, 2M+m, 3M+m but samples the positive from 4m…4m+3, so
@@ -52,8 +52,9 @@ Masking ties (equal g) go to the lower flat index.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,7 +62,7 @@ from vitxai.models.adapter import ModelAdapter
 
 RelevanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-__all__ = ["gae", "masked_counts"]
+__all__ = ["gae", "masked_counts", "mosaic_groups"]
 
 _EPS = torch.finfo(torch.float64).eps
 
@@ -79,6 +80,59 @@ def masked_counts(steps: int, n: int, *, legacy: bool = False) -> torch.Tensor:
     fixed = t * n // steps
     morf = torch.clamp(t * (t + 1) * n // (2 * steps), max=n) if legacy else fixed
     return torch.stack([morf, fixed])
+
+
+def mosaic_groups(labels: Sequence[int], n_groups: int, seed: int) -> list[list[int]]:
+    """Draw ``n_groups`` groups of four images for :func:`gae`, classes as different as possible.
+
+    Contrastiveness compares the explained class with the classes of the other three tiles of
+    the mosaic: when all four share a class, S = 1 everywhere and C = 1 for any map. The
+    reference draws its groups from a shuffled loader; taking the first images of class-sorted
+    data (Imagenette val) would give one class per group.
+
+    Each group takes its images one at a time from the class used least in the group so far;
+    among those, from the class with the most images left (counted up to the number of groups
+    still to draw, beyond which a class can serve every remaining group anyway); remaining
+    ties at random. This gives four distinct classes in every group whenever the data allows
+    it for all groups at once (Σ_c min(n_c, n_groups) ≥ 4·n_groups with n_c images of class
+    c), and otherwise repeats classes as evenly as it can. Images within a class, the ties and
+    the tile order within a group are drawn with ``numpy.random.default_rng(seed)``.
+
+    Args:
+        labels: the class of each candidate image (any ints; equal ints are one class).
+        n_groups: groups to draw, ≥ 1, with 4·n_groups ≤ len(labels).
+        seed: the same labels, count and seed give the same groups.
+
+    Returns:
+        ``n_groups`` lists of four positions into ``labels``, no position used twice; pass
+        the images of all groups, concatenated in order, to :func:`gae` (which takes
+        consecutive fours).
+
+    Raises:
+        ValueError: n_groups < 1 or fewer than 4·n_groups labels.
+    """
+    if n_groups < 1 or 4 * n_groups > len(labels):
+        raise ValueError(f"need 1 ≤ n_groups ≤ {len(labels) // 4} for {len(labels)} images, "
+                         f"got n_groups={n_groups}")
+    rng = np.random.default_rng(seed)
+    members: dict[int, list[int]] = {}
+    for i, x in enumerate(labels):
+        members.setdefault(int(x), []).append(i)
+    classes = sorted(members)
+    left = {c: [int(i) for i in rng.permutation(members[c])] for c in classes}
+    groups = []
+    for g in range(n_groups):
+        to_draw = n_groups - g
+        tie = dict(zip(classes, rng.random(len(classes)).tolist(), strict=True))
+        used = dict.fromkeys(classes, 0)
+        group = []
+        for _ in range(4):
+            c = min((c for c in classes if left[c]),
+                    key=lambda c: (used[c], -min(len(left[c]), to_draw), tie[c]))
+            used[c] += 1
+            group.append(left[c].pop())
+        groups.append([group[k] for k in rng.permutation(4)])
+    return groups
 
 
 def _n1(v: torch.Tensor) -> torch.Tensor:
@@ -217,7 +271,8 @@ def gae(
             are summed). Called on the positives, the mosaics and the 2·(T − 1) masked images of
             every positive, ``batch_size`` images at a time.
         images: (B, 3, H, W) unnormalised in [0, 1], B a positive multiple of 4, H and W even;
-            images 4m…4m+3 form group m (shuffle before calling, as the reference's loader).
+            images 4m…4m+3 form group m (draw the groups at random before calling, as the
+            reference's shuffled loader does, e.g. with :func:`mosaic_groups`).
         steps: T ≥ 2 masking steps.
         seed: seeds the sampling of the positives.
         legacy: reproduce the reference's strided mosaics (a) and MoRF schedule (b).

@@ -37,6 +37,24 @@ _PRECISIONS: dict[str, Precision] = {"fp32": "fp32", "float32": "fp32", "bf16": 
                                      "bfloat16": "bf16"}
 
 
+def check_classifier_head(model: nn.Module, name: str) -> None:
+    """Refuse a model that declares ``num_classes == 0`` (a timm backbone without head).
+
+    Such models (DINOv2, MAE, any timm model built with ``num_classes=0``) output pooled
+    features: explaining "class" k of them would explain embedding dimension k. Models that
+    do not declare ``num_classes`` at all (plain ``nn.Module`` classifiers) are accepted.
+
+    Raises:
+        ValueError: one line saying how to get a classifier.
+    """
+    if getattr(model, "num_classes", None) == 0:
+        raise ValueError(
+            f"model {name!r} has no classifier head (num_classes=0): its outputs are features, "
+            "not classes; attach a linear probe or load weights with a head (a later release "
+            "adds `vitxai probe`)"
+        )
+
+
 class ModelAdapter:
     """Any image classifier: normalisation plus a model mapping (B, 3, H, W) to logits (B, C).
 
@@ -51,12 +69,16 @@ class ModelAdapter:
     Attributes:
         precision: "fp32" (default) or "bf16", the arithmetic of the model's forward passes
             (:meth:`set_precision`); ``dtype`` stays the parameters' and inputs' dtype.
+
+    Raises:
+        ValueError: the model has no classifier head (:func:`check_classifier_head`).
     """
 
     is_vit = False
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
                  input_size: tuple[int, int], name: str = "model") -> None:
+        check_classifier_head(model, name)
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -76,7 +98,7 @@ class ModelAdapter:
         Under "bf16", :meth:`logits` runs the model inside ``torch.autocast`` with bfloat16 on
         the adapter's device type (CPU or GPU) and returns float32 logits; inputs, gradients
         with respect to them, masks, relevance rules and solves stay float32. On CPUs with
-        AMX or AVX512-BF16 this is 2–3× faster (environment.md §5); on CPUs without them it is
+        AMX or AVX512-BF16 this is 2–3× faster (docs/environment.md §5); on CPUs without them it is
         emulated and several times slower (a RuntimeWarning says so, see
         :func:`cpu_has_native_bf16`).
         It speeds up the methods that evaluate the model many times (perturbation and gradient
@@ -276,7 +298,7 @@ class ViTAdapter(ModelAdapter):
             A, G = cap.attention_maps(), cap.gradient_maps()
 
         Gradients use tensor hooks on the attention output, never module backward hooks
-        (which land on the softmax backward under eval-mode dropout, see methods.md §2). Run the
+        (which land on the softmax backward under eval-mode dropout: docs/methods.md §2). Run the
         backward inside the block: on exit every hook is removed, tensor hooks included. A
         tensor hook that closes over the capture that holds the tensor is a reference cycle
         through autograd that Python's collector cannot see, so leaving it in place would keep

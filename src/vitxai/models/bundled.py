@@ -19,7 +19,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vitxai.models.adapter import ModelAdapter
-from vitxai.models.loading import ModelLoadError, adapt, read_state_dict
+from vitxai.models.loading import ModelLoadError, adapt, read_state_dict, resolve_device
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_WEIGHTS = ASSETS / "benchmark_vit.safetensors"
@@ -86,7 +86,9 @@ def load_bundled_model(device: str | torch.device = "cpu", *, weights: str | Pat
         ModelLoadError: the weights or card are missing, corrupt (checksum or format), or do
             not match the card's architecture; the message names the file and the training
             command that rebuilds it.
+        ValueError: ``device`` is malformed or absent on this machine.
     """
+    device = resolve_device(device)
     card_path = Path(card) if card is not None else BUNDLED_CARD
     info = bundled_model_card(card_path)
     path = Path(weights) if weights is not None else card_path.with_name(

@@ -8,7 +8,9 @@ config (``img_size=224`` on a DINOv2 model must not give 518-pixel inputs).
 from __future__ import annotations
 
 import os
+import pickle
 import socket
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,12 +55,43 @@ def _hub_offline() -> Any:
         constants.HF_HUB_OFFLINE = saved
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device that this machine has; a one-line ValueError otherwise
+    (instead of an error deep inside the first ``.to(device)``)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"--device {device}: not a device name; use cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, dev.type, None)  # torch.cuda, torch.xpu, ...
+        if dev.type == "cpu" or not hasattr(backend, "is_available"):
+            return dev
+        available = backend.is_available()
+        count = backend.device_count() if available else 0
+    kind = "CUDA" if dev.type == "cuda" else dev.type
+    if not available:
+        raise ValueError(
+            f"--device {device}: {kind} is not available on this machine; use --device cpu"
+        )
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} {kind} device(s); "
+                         f"use --device {dev.type}:0 to {dev.type}:{count - 1}")
+    return dev
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a safetensors or torch checkpoint safely (``weights_only=True``, never pickle).
 
     Accepts a plain state dict or one nested under "state_dict", "model" or "model_state".
     """
     path = Path(path)
+    if path.is_dir():
+        raise ModelLoadError(f"checkpoint {path} is a directory; pass the weights file in it "
+                             "(.safetensors or torch file)")
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {path} does not exist")
     try:
@@ -67,11 +100,20 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about old pickle protocols
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, pickle payload, wrong format
-        raise ModelLoadError(
-            f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        ) from e
+        text = str(e).strip()
+        # torch's own message advises weights_only=False, i.e. running the file's code
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in text:
+            raise ModelLoadError(
+                f"cannot read checkpoint {path}: not a torch file of plain tensors (pickled "
+                "Python objects are refused, as loading them could run code); convert it to "
+                "safetensors (safetensors.torch.save_file) where you trust the file"
+            ) from e
+        why = f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+        raise ModelLoadError(f"cannot read checkpoint {path}: {why}") from e
     for key in ("state_dict", "model", "model_state", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -139,7 +181,9 @@ def load_model(
     Raises:
         ModelLoadError: unknown name, unreadable or mismatched checkpoint, or hub weights that
             cannot be fetched (within seconds when offline, naming ``--checkpoint``).
+        ValueError: ``device`` is malformed or absent on this machine.
     """
+    device = resolve_device(device)
     if not timm.is_model(name.split(".")[0]):
         raise ModelLoadError(
             f"unknown timm model {name!r}; see timm.list_models('*vit*') for names"

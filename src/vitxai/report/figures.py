@@ -12,6 +12,16 @@ matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vitxai.store import atomic_write  # noqa: E402
+
+
+def save_figure(fig: plt.Figure, path: Path, **kwargs: object) -> Path:
+    """Save and close ``fig`` atomically: a kill never leaves a truncated image behind."""
+    fmt = path.suffix.lstrip(".")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, **kwargs))
+    plt.close(fig)
+    return path
+
 
 def agreement_heatmap(matrix: np.ndarray, names: Sequence[str], title: str, stem: Path,
                       counts: np.ndarray | None = None, row_label: str = "",
@@ -40,9 +50,8 @@ def agreement_heatmap(matrix: np.ndarray, names: Sequence[str], title: str, stem
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    fig.savefig(paths[0], dpi=150)
-    fig.savefig(paths[1])
-    plt.close(fig)
+    atomic_write(paths[1], lambda tmp: fig.savefig(tmp, format="svg"))
+    save_figure(fig, paths[0], dpi=150)
     return paths
 
 
@@ -83,6 +92,4 @@ def sample_figure(image: np.ndarray, maps: Mapping[str, np.ndarray],
         ax.set_axis_off()
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

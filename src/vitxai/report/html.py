@@ -12,12 +12,24 @@ import base64
 import html
 import json
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
-from vitxai.store import METHOD_ROWS, read_rows
+from vitxai.store import (
+    AGGREGATES,
+    METHOD_ROWS,
+    RunLock,
+    check_derived,
+    finished_run,
+    read_evaluation,
+    read_json,
+    read_rows,
+    run_identity,
+)
 
 #: per-image columns summarised per method, with the direction that is better
 METHOD_COLUMNS: dict[str, tuple[str, bool | None]] = {
@@ -72,9 +84,20 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+# Markdown's inline syntax (emphasis, code, links, tables, strike-through) and backslash
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~#])")
+
+
+def _md(text: str) -> str:
+    """``text`` as literal Markdown on one line: the twin of ``html.escape`` for report.md,
+    so that a method, image or run name cannot break a table or inject HTML."""
+    one_line = " ".join(str(text).split())
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(one_line, quote=False))
+
+
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines = ["| " + " | ".join(map(_md, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(_md, r)) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -129,9 +152,8 @@ def _sections(root: Path) -> list[tuple[str, str, list, list, list[Path]]]:
                          "Unified binary masks compared per image, then averaged; a pair with "
                          "an empty denominator is undefined and excluded (n = images counted).",
                          ["A \\ B", *names], rows, [heat] if heat.exists() else []))
-    evaluation = root / "evaluation.json"
-    if evaluation.exists():
-        ev = json.loads(evaluation.read_text())
+    ev = read_evaluation(root)
+    if ev is not None:
         for title, table in ev.get("tables", {}).items():
             sections.append((title, table.get("text", ""), table["header"], table["rows"],
                              [root / f for f in table.get("figures", [])]))
@@ -164,30 +186,38 @@ _LOAD_PROBE = ("<script>addEventListener('load',()=>{const i=[...document.images
 
 
 def write_report(root: str | Path) -> tuple[Path, Path]:
-    """Write ``report.html`` (self-contained) and ``report.md`` into the run directory."""
+    """Write ``report.html`` (self-contained) and ``report.md`` into the run directory.
+
+    Only a finished run is reported, and only with aggregates and evaluation results
+    computed from that run (same fingerprint and image count); else a one-line error.
+    """
     root = Path(root)
-    for need in ("config.json", "aggregates.json"):
-        if not (root / need).exists():
-            raise FileNotFoundError(f"{root} is not a finished run directory (no {need}); "
-                                    "run `vitxai compare` first")
+    with RunLock(root):
+        return _write_report(root)
+
+
+def _write_report(root: Path) -> tuple[Path, Path]:
+    config, manifest = finished_run(root)
+    check_derived(root, AGGREGATES, read_json(root / AGGREGATES), run_identity(config, manifest),
+                  "rerun the same `vitxai compare` command to refresh it")
     sections = _sections(root)
     parts = [f"<!doctype html><meta charset='utf-8'><title>vitxai report: "
              f"{html.escape(root.name)}</title><style>{_CSS}</style>{_LOAD_PROBE}",
              f"<h1>vitxai report: {html.escape(root.name)}</h1>"]
-    md = [f"# vitxai report: {root.name}"]
+    md = [f"# vitxai report: {_md(root.name)}"]
     for title, text, header, rows, figures in sections:
         parts.append(f"<h2>{html.escape(title)}</h2>")
-        md.append(f"\n## {title}\n")
+        md.append(f"\n## {_md(title)}\n")
         if text:
             parts.append(f"<p>{html.escape(text)}</p>")
-            md.append(text + "\n")
+            md.append(_md(text) + "\n")
         if rows:
             parts.append(_table(header, rows))
             md.append(_md_table(header, rows))
         for f in figures:
             if f.exists():
                 parts.append(_image(f))
-                md.append(f"\n![{f.stem}]({f.relative_to(root)})")
+                md.append(f"\n![{_md(f.stem)}]({quote(f.relative_to(root).as_posix())})")
     html_path, md_path = root / "report.html", root / "report.md"
     html_path.write_text("\n".join(parts) + "\n", encoding="utf-8")
     md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
