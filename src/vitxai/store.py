@@ -39,6 +39,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -98,8 +99,12 @@ def atomic_write(path: Path, write: Any) -> Path:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise _naming(e, path) from e
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # writers in other languages (safetensors) report an OS error only in their message
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code and isinstance(e, Exception):
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
         raise
     _fsync_dir(path.parent)
     return path
