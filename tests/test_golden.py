@@ -1,0 +1,88 @@
+"""Results do not change: every method's maps and a comparison's rows against a recording.
+
+``tests/golden/`` was recorded by ``tests/golden/make_golden.py`` before the code was
+reorganised (issue 11); a refactoring that changes any result fails here. Parameters are
+passed by their current names; a renamed parameter keeps its old name as an alias.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+HERE = Path(__file__).parent / "golden"
+#: fewer model evaluations than the defaults, same code paths
+FAST = {
+    "lime": {"n_samples": 48}, "kernel_shap": {"n_samples": 48},
+    "rise": {"n_masks": 48}, "occlusion": {"window": 56, "stride": 56},
+    "integrated_gradients": {"steps": 8}, "integrated_gradients_uniform": {"steps": 8},
+    "gradient_shap": {"n_samples": 8}, "smoothgrad": {"n_samples": 4},
+}
+SEGMENTATION = {"algorithm": "slic"}
+TIMING = {"seconds_per_image", "peak_memory_mb", "path"}
+
+
+def _inputs():
+    from vitxai.data.synthetic import SyntheticBenchmark
+    from vitxai.models.bundled import load_bundled_model
+
+    adapter = load_bundled_model()
+    data = SyntheticBenchmark(split="single", size=2, seed=20240)
+    samples = [data.load(i) for i in range(2)]
+    return (adapter, torch.stack([s.image for s in samples]),
+            torch.tensor([s.label for s in samples]))
+
+
+def golden_maps() -> dict[str, torch.Tensor]:
+    """Every registered method's maps on two images, average-pooled to (2, 28, 28)."""
+    from vitxai.methods import METHODS, BatchContext, attribute
+    from vitxai.methods.perturbation import SegmentationParams
+
+    adapter, x, t = _inputs()
+    out = {}
+    for name, spec in sorted(METHODS.items()):
+        params = dict(FAST.get(name, {}))
+        if "segments" in spec.uses:
+            params["segmentation"] = SegmentationParams(**SEGMENTATION)
+        ctx = BatchContext.for_batch(2, seed=0, image_ids=[0, 1], planned=[name])
+        maps = attribute(name, adapter, x, t, context=ctx, **params).maps
+        out[name] = F.avg_pool2d(maps[:, None].double(), 8)[:, 0].float()
+    return out
+
+
+def golden_rows(out: Path) -> list[dict[str, str]]:
+    """Per-image method rows of a three-image comparison of the seed methods (no timings)."""
+    from vitxai.cli import main
+
+    args = ["compare", "--n-images", "3", "--batch-size", "2", "--no-progress",
+            "--out", str(out), "--segmentation", 'algorithm="slic"']
+    for method, params in FAST.items():
+        if method in ("lime", "kernel_shap", "integrated_gradients", "gradient_shap"):
+            args += [x for k, v in params.items() for x in ("--param", f"{method}.{k}={v}")]
+    assert main(args) == 0
+    with (out / "per_image_methods.csv").open(newline="") as f:
+        return [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict[str, torch.Tensor]:
+    return load_file(str(HERE / "maps.safetensors"))
+
+
+def test_every_method_gives_the_recorded_maps(recorded):
+    now = golden_maps()
+    assert sorted(now) == sorted(recorded)
+    for name, maps in now.items():
+        scale = recorded[name].abs().max().clamp(min=1e-12)
+        assert torch.allclose(maps, recorded[name], rtol=1e-4, atol=1e-5 * float(scale)), name
+
+
+def test_a_comparison_gives_the_recorded_rows(tmp_path):
+    recorded = json.loads((HERE / "rows.json").read_text())
+    assert golden_rows(tmp_path / "run") == recorded
