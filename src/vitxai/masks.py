@@ -56,7 +56,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
 
-from vitxai.params import check_instance_types
+from vitxai.params import check_choice, check_instance_types
 
 if TYPE_CHECKING:
     import torch
@@ -135,13 +135,13 @@ class MaskParams:
         check_instance_types(self, prefix="mask.")
         for name in ("clip_negative", "postprocess", "fill_holes"):
             _check_bool(name, getattr(self, name))
-        _check_choice("channel_reduce", self.channel_reduce, CHANNEL_REDUCTIONS)
+        check_choice("channel_reduce", self.channel_reduce, CHANNEL_REDUCTIONS)
         _check_int_at_least("otsu_nbins", self.otsu_nbins, 2)
         _check_int_at_least("closing_size", self.closing_size, 1)
-        _check_choice("closing_mode", self.closing_mode, BORDER_MODES)
-        _check_choice("hole_connectivity", self.hole_connectivity, (4, 8))
+        check_choice("closing_mode", self.closing_mode, BORDER_MODES)
+        check_choice("hole_connectivity", self.hole_connectivity, (4, 8))
         _check_percentile("component_percentile", self.component_percentile)
-        _check_choice("connectivity", self.connectivity, (4, 8))
+        check_choice("connectivity", self.connectivity, (4, 8))
 
 
 def clip_negative(attribution: ArrayLike) -> np.ndarray:
@@ -190,7 +190,7 @@ def to_single_channel(attribution: ArrayLike, reduce: str = "mean") -> np.ndarra
     Run :func:`clip_negative` first (as :func:`unified_mask` does) so that negative
     evidence in one channel does not cancel positive evidence in another.
     """
-    _check_choice("reduce", reduce, CHANNEL_REDUCTIONS)
+    check_choice("reduce", reduce, CHANNEL_REDUCTIONS)
     x = _as_float64(attribution)
     if x.ndim == 2:
         return x
@@ -327,7 +327,7 @@ def close_mask(mask: ArrayLike, size: int = 6, mode: str = "reflect") -> np.ndar
         If the mask is not 2-D or not binary, or a parameter is out of range.
     """
     _check_int_at_least("size", size, 1)
-    _check_choice("mode", mode, BORDER_MODES)
+    check_choice("mode", mode, BORDER_MODES)
     m = _as_mask(mask)
     if size == 1:
         return m
@@ -516,7 +516,7 @@ def _as_mask(mask: ArrayLike) -> np.ndarray:
 
 
 def _structure(connectivity: int, name: str) -> np.ndarray:
-    _check_choice(name, connectivity, (4, 8))
+    check_choice(name, connectivity, (4, 8))
     return ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2)
 
 
@@ -528,12 +528,6 @@ def _check_2d(name: str, arr: np.ndarray) -> None:
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be True or False, got {value!r}")
-
-
-def _check_choice(name: str, value: object, choices: tuple) -> None:
-    if isinstance(value, (bool, np.bool_)) or value not in choices:
-        options = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {options}, got {value!r}")
 
 
 def _check_int_at_least(name: str, value: object, low: int) -> None:

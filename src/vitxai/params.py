@@ -88,3 +88,34 @@ def build(cls: type, values: Mapping[str, Any], owner: str) -> Any:
         raise ValueError(f"{owner} has no parameter {', '.join(unknown)}; "
                          f"its parameters are: {', '.join(names)}")
     return cls(**values)
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    """Raise a one-line ValueError unless ``value`` is one of ``choices`` (never a bool,
+    which would otherwise equal 0 or 1)."""
+    if _is_bool(value) or value not in choices:
+        raise ValueError(
+            f"parameter {name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def check_range(name: str, value: float, low: float | None, high: float | None, *,
+                low_open: bool = False, high_open: bool = False) -> None:
+    """Raise a one-line ValueError when ``value`` is outside its documented range."""
+    bad = (
+        (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and (value >= high if high_open else value > high))
+    )
+    if bad:
+        lo = "-inf" if low is None else f"{low}"
+        hi = "inf" if high is None else f"{high}"
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
+        interval = f"{left}{lo}, {hi}{right}"
+        raise ValueError(f"parameter {name}={value!r} is out of range {interval}")
+
+
+def check_batch_size(name: str, value: int | None) -> None:
+    """``value`` is None (the device's default, :func:`vitxai.batching.default_batch_size`)
+    or a chunk size ≥ 1; otherwise a one-line ValueError."""
+    if value is not None:
+        check_range(name, value, 1, None)

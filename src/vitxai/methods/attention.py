@@ -20,10 +20,10 @@ from vitxai.methods.base import (
     Attribution,
     BatchContext,
     Cost,
-    check_range,
     register_method,
 )
 from vitxai.models.adapter import Capture, ViTAdapter
+from vitxai.params import check_range
 
 
 @dataclass

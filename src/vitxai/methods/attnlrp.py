@@ -54,9 +54,10 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from vitxai.methods.attention import to_patch_map
-from vitxai.methods.base import Attribution, BatchContext, Cost, check_range, register_method
+from vitxai.methods.base import Attribution, BatchContext, Cost, register_method
 from vitxai.methods.gradient import pixel_attribution
 from vitxai.models.adapter import ViTAdapter
+from vitxai.params import check_range
 
 Mode = Literal["attnlrp", "cplrp"]
 

@@ -164,29 +164,6 @@ def get_method(name: str) -> MethodSpec:
     return METHODS[canonical]
 
 
-def check_range(name: str, value: float, low: float | None, high: float | None, *,
-                low_open: bool = False, high_open: bool = False) -> None:
-    """Raise a one-line ValueError when ``value`` is outside its documented range."""
-    bad = (
-        (low is not None and (value <= low if low_open else value < low))
-        or (high is not None and (value >= high if high_open else value > high))
-    )
-    if bad:
-        lo = "-inf" if low is None else f"{low}"
-        hi = "inf" if high is None else f"{high}"
-        left = "(" if low_open or low is None else "["
-        right = ")" if high_open or high is None else "]"
-        interval = f"{left}{lo}, {hi}{right}"
-        raise ValueError(f"parameter {name}={value!r} is out of range {interval}")
-
-
-def check_batch_size(name: str, value: int | None) -> None:
-    """``value`` is None (the device's default, :func:`vitxai.batching.default_batch_size`)
-    or a chunk size ≥ 1; otherwise a one-line ValueError."""
-    if value is not None:
-        check_range(name, value, 1, None)
-
-
 def stable_seed(*parts: object) -> int:
     """A 63-bit seed derived from ``parts`` (stable across processes, unlike ``hash``)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()

@@ -32,23 +32,15 @@ from vitxai.methods.base import (
     Attribution,
     BatchContext,
     Cost,
-    check_batch_size,
-    check_range,
     register_method,
 )
 from vitxai.models.adapter import ModelAdapter
+from vitxai.params import check_batch_size, check_choice, check_range
 
 Baseline = Literal["mean", "black", "white", "uniform", "uniform_normalized"] | float
 BASELINES: tuple[str, ...] = ("mean", "black", "white", "uniform", "uniform_normalized")
 InputSpace = Literal["normalized", "pixel"]
 INPUT_SPACES: tuple[str, ...] = ("normalized", "pixel")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"parameter {name}={value!r} is not one of {', '.join(map(repr, choices))}"
-        )
 
 
 def check_baseline(name: str, value: Any) -> None:
@@ -479,7 +471,7 @@ class InputXGradientParams:
     internal_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("space", self.space, INPUT_SPACES)
+        check_choice("space", self.space, INPUT_SPACES)
         check_batch_size("internal_batch_size", self.internal_batch_size)
 
 
@@ -542,11 +534,11 @@ class SmoothGradParams:
     internal_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("base", self.base, ("ixg", "ig"))
+        check_choice("base", self.base, ("ixg", "ig"))
         check_range("n_samples", self.n_samples, 1, None)
         check_range("stdev", self.stdev, 0.0, None)
-        _check_choice("transform", self.transform, tuple(_TRANSFORMS))
-        _check_choice("space", self.space, INPUT_SPACES)
+        check_choice("transform", self.transform, tuple(_TRANSFORMS))
+        check_choice("space", self.space, INPUT_SPACES)
         check_range("steps", self.steps, 1, None)
         check_baseline("baseline", self.baseline)
         check_batch_size("internal_batch_size", self.internal_batch_size)

@@ -25,8 +25,9 @@ from vitxai.methods.attention import (
     to_patch_map,
     vit_pass,
 )
-from vitxai.methods.base import Attribution, BatchContext, check_range, register_method
+from vitxai.methods.base import Attribution, BatchContext, register_method
 from vitxai.models.adapter import ViTAdapter
+from vitxai.params import check_range
 
 _EPS = 1e-9
 

@@ -55,12 +55,10 @@ from vitxai.methods.base import (
     Attribution,
     BatchContext,
     Cost,
-    check_batch_size,
-    check_range,
     register_method,
 )
 from vitxai.methods.gradient import Baseline, check_baseline, make_baseline
-from vitxai.params import build, check_instance_types
+from vitxai.params import build, check_batch_size, check_choice, check_instance_types, check_range
 
 if TYPE_CHECKING:
     from vitxai.models.adapter import ModelAdapter, ViTAdapter
@@ -73,16 +71,9 @@ TokenFill = Literal["mean", "zero"]
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"parameter {name}={value!r} is not one of {', '.join(map(repr, choices))}"
-        )
-
-
 def _check_fill(fill: Any) -> None:
     if isinstance(fill, str):
-        _check_choice("fill", fill, ("mean", "black"))
+        check_choice("fill", fill, ("mean", "black"))
     elif isinstance(fill, (int, float)) and not isinstance(fill, bool):
         check_range("fill", float(fill), 0.0, 1.0)
     else:
@@ -90,8 +81,8 @@ def _check_fill(fill: Any) -> None:
 
 
 def _check_space(space: Any, token_fill: Any) -> None:
-    _check_choice("space", space, ("pixel", "tokens"))
-    _check_choice("token_fill", token_fill, ("mean", "zero"))
+    check_choice("space", space, ("pixel", "tokens"))
+    check_choice("token_fill", token_fill, ("mean", "zero"))
 
 
 def _token_vit(adapter: ModelAdapter, method: str) -> ViTAdapter:
@@ -132,7 +123,7 @@ class SegmentationParams:
 
     def __post_init__(self) -> None:
         check_instance_types(self, prefix="segmentation.")
-        _check_choice("segmentation.algorithm", self.algorithm, ("quickshift", "slic"))
+        check_choice("segmentation.algorithm", self.algorithm, ("quickshift", "slic"))
         check_range("segmentation.kernel_size", self.kernel_size, 0, None, low_open=True)
         check_range("segmentation.max_dist", self.max_dist, 0, None, low_open=True)
         check_range("segmentation.ratio", self.ratio, 0.0, 1.0)
@@ -510,7 +501,7 @@ class LimeParams:
         check_batch_size("batch_size", self.batch_size)
         check_range("kernel_width", self.kernel_width, 0, None, low_open=True)
         check_range("alpha", self.alpha, 0, None)
-        _check_choice("output", self.output, ("probability", "logit"))
+        check_choice("output", self.output, ("probability", "logit"))
         _check_fill(self.fill)
         _check_space(self.space, self.token_fill)
         object.__setattr__(self, "segmentation", _as_segmentation(self.segmentation))
@@ -642,7 +633,7 @@ class KernelShapParams:
     def __post_init__(self) -> None:
         check_range("n_samples", self.n_samples, 3, None)
         check_batch_size("batch_size", self.batch_size)
-        _check_choice("output", self.output, ("probability", "logit"))
+        check_choice("output", self.output, ("probability", "logit"))
         _check_fill(self.fill)
         _check_space(self.space, self.token_fill)
         object.__setattr__(self, "segmentation", _as_segmentation(self.segmentation))
@@ -803,7 +794,7 @@ class RiseParams:
         check_range("p_keep", self.p_keep, 0.0, 1.0, low_open=True)
         check_baseline("baseline", self.baseline)
         check_batch_size("batch_size", self.batch_size)
-        _check_choice("output", self.output, ("probability", "logit"))
+        check_choice("output", self.output, ("probability", "logit"))
         _check_space(self.space, self.token_fill)
 
 
@@ -936,7 +927,7 @@ class OcclusionParams:
         check_range("stride", self.stride, 1, None)
         _check_fill(self.fill)
         check_batch_size("batch_size", self.batch_size)
-        _check_choice("output", self.output, ("probability", "logit"))
+        check_choice("output", self.output, ("probability", "logit"))
         _check_space(self.space, self.token_fill)
 
 
