@@ -11,6 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 from vitxai.cli import build_parser
 from vitxai.methods import METHODS, BatchContext, attribute
 from vitxai.methods.perturbation import SegmentationParams
+from vitxai.methods.vit_pass import VIT_PASS
 from vitxai.models import adapt
 
 SIZE = 32
@@ -101,7 +102,7 @@ def test_every_method_runs_under_bf16():
         assert torch.isfinite(result.maps).all(), name
     # the shared attention/relevance pass runs in float32 (relevance rules amplify bf16
     # rounding), so its maps equal the float32 ones exactly
-    assert context.cache["vit_pass"].capture.attention[0].dtype == torch.float32
+    assert context.cache[VIT_PASS].capture.attention[0].dtype == torch.float32
 
 
 def test_precision_settings():

@@ -46,8 +46,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitxai.methods.base import Attribution, BatchContext, Cost, register_method
-from vitxai.methods.gradient import pixel_attribution
+from vitxai.methods.base import (
+    Attribution,
+    BatchContext,
+    Cost,
+    pixel_attribution,
+    register_method,
+)
 from vitxai.models.adapter import Capture, ModelAdapter, ViTAdapter
 
 _ZERO_OUTPUT = 1e-9  # |y| used where y == 0 (the paper's stabiliser)

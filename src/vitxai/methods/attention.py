@@ -1,132 +1,25 @@
-"""Attention-based methods and the shared ViT pass they read from.
+"""Attention-based methods: raw attention, rollout, gradient rollout, Chefer 2021b, GradCAM.
 
-All attention methods of a batch read one captured pass (:func:`vit_pass`): a single forward
-that records every block's attention and, when any planned method needs them, the block
-activations and one backward for the attention gradients. Rollout keeps only the CLS row of
-the product, O(L·N²) instead of O(L·N³) (docs/methods.md §8).
+All of them read the batch's shared pass (:mod:`vitxai.methods.vit_pass`). Rollout keeps only
+the CLS row of the product, O(L·N²) instead of O(L·N³) (docs/methods.md §8).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from vitxai.methods.base import (
-    Attribution,
-    BatchContext,
-    Cost,
-    register_method,
+from vitxai.methods.base import Attribution, BatchContext, Cost, register_method, to_patch_map
+from vitxai.methods.vit_pass import (
+    pass_cost,
+    readout_row,
+    residual_product_row,
+    vit_pass,
 )
-from vitxai.models.adapter import Capture, ViTAdapter
+from vitxai.models.adapter import ViTAdapter
 from vitxai.params import check_range
-
-
-@dataclass
-class ViTPass:
-    """One captured pass over a batch: attention, optional gradients and activations."""
-
-    capture: Capture
-    logits: torch.Tensor
-    targets: torch.Tensor
-    has_gradients: bool
-    seconds: float
-
-
-def vit_pass(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
-             context: BatchContext, *, gradients: bool) -> tuple[ViTPass, bool]:
-    """The batch's shared attention pass; returns (pass, reused).
-
-    The pass is computed once per batch, in float32 whatever the adapter's ``precision``
-    (see :meth:`~vitxai.models.adapter.ModelAdapter.full_precision`). It includes gradients
-    and activations when this call needs them or when any method planned for the batch
-    declares ``"attention_grad"`` in its ``uses`` — so rollout followed by Chefer costs one
-    forward and one backward, not two forwards.
-    """
-    cached = context.cache.get("vit_pass")
-    if cached is not None and (cached.has_gradients or not gradients) and torch.equal(
-        cached.targets, targets
-    ):
-        return cached, True
-    full = gradients or context.plans("attention_grad")
-    start = time.perf_counter()
-    # float32 even under precision="bf16": the relevance rules amplify bf16 rounding of the
-    # activations (ModelAdapter.full_precision), and this is one pass per batch
-    with adapter.full_precision(), adapter.capture(gradients=full, activations=full) as cap:
-        if full:
-            x = images.detach().requires_grad_(True)
-            logits = adapter.logits(x)
-            logits.gather(1, targets.to(logits.device)[:, None]).sum().backward()
-            logits = logits.detach()
-        else:
-            with torch.inference_mode():
-                logits = adapter.logits(images)
-    cap.upcast()  # a half-precision model records half tensors; every rule runs in float32
-    cap.attention_maps()  # fail loudly when a block was not captured
-    if full:
-        cap.gradient_maps()
-    result = ViTPass(cap, logits, targets.clone(), full, time.perf_counter() - start)
-    context.cache["vit_pass"] = result
-    return result, False
-
-
-def pass_cost(vp: ViTPass, reused: bool) -> Cost:
-    """Cost of a method that read the shared pass (zero seconds when it was reused)."""
-    return Cost(forward=1, backward=int(vp.has_gradients), seconds=0.0 if reused else vp.seconds,
-                shared=reused)
-
-
-def readout_row(adapter: ViTAdapter, n_tokens: int, batch: int, dtype: torch.dtype,
-                device: torch.device) -> torch.Tensor:
-    """The (B, N) read-out vector: e₀ (CLS), or ½(e₀ + e₁) for distilled DeiT, whose eval head
-    averages the CLS and distillation heads (docs/methods.md §8)."""
-    if adapter.global_pool not in ("token", "") and not adapter.distilled:
-        raise ValueError(
-            f"read-out for global_pool={adapter.global_pool!r} is not supported yet; "
-            "attention methods need a class-token model"
-        )
-    r = torch.zeros(batch, n_tokens, dtype=dtype, device=device)
-    if adapter.distilled:
-        r[:, :2] = 0.5
-    else:
-        r[:, 0] = 1.0
-    return r
-
-
-def residual_product_row(adapter: ViTAdapter, like: torch.Tensor, start: int,
-                         abar_of: Callable[[int], torch.Tensor]) -> torch.Tensor:
-    """Read-out row of the unnormalised product (I + Ā_{L−1})·…·(I + Ā_start).
-
-    Shared by Chefer 2021a, its LRP-rollout sibling and Chefer 2021b, which differ only in Ā.
-
-    Args:
-        like: a (B, h, N, N) tensor giving batch size, token count, dtype and device.
-        abar_of: block index → (B, N, N) fused matrix Ā of that block.
-
-    Returns:
-        (B, N): r = readoutᵀ·(I + Ā_{L−1})·…, computed right-to-left on the row only.
-    """
-    r = readout_row(adapter, like.shape[-1], like.shape[0], like.dtype, like.device)
-    for layer in range(adapter.depth - 1, start - 1, -1):
-        r = r + torch.bmm(r.unsqueeze(1), abar_of(layer)).squeeze(1)  # r ← r·(I + Ā)
-    return r
-
-
-def to_patch_map(adapter: ViTAdapter, row: torch.Tensor, images: torch.Tensor) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """Drop the prefix columns of a (B, N) token row and return (native (B, gh, gw),
-    bilinear upsampled map (B, H, W)), the map in at least float32 (float64 rows stay
-    float64, so float64 models give exact maps)."""
-    gh, gw = adapter.grid_of(images)
-    native = row[:, adapter.num_prefix_tokens:].reshape(row.shape[0], gh, gw)
-    wide = native[:, None].to(torch.promote_types(native.dtype, torch.float32))
-    full = F.interpolate(wide, size=images.shape[-2:], mode="bilinear",
-                         align_corners=False)[:, 0]
-    return native, full
 
 
 def fuse_heads(attention: torch.Tensor, fusion: str) -> torch.Tensor:

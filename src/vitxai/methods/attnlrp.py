@@ -53,9 +53,14 @@ from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_m
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from vitxai.methods.attention import to_patch_map
-from vitxai.methods.base import Attribution, BatchContext, Cost, register_method
-from vitxai.methods.gradient import pixel_attribution
+from vitxai.methods.base import (
+    Attribution,
+    BatchContext,
+    Cost,
+    pixel_attribution,
+    register_method,
+    to_patch_map,
+)
 from vitxai.models.adapter import ViTAdapter
 from vitxai.params import check_range
 

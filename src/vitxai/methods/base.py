@@ -17,15 +17,16 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
-from vitxai.models.adapter import check_classifier_head
+from vitxai.models.adapter import check_classifier_head, require_vit
 from vitxai.params import check_types
 
 if TYPE_CHECKING:
-    from vitxai.models.adapter import ModelAdapter
+    from vitxai.models.adapter import ModelAdapter, ViTAdapter
 
 NativeKind = Literal["patch", "superpixel", "pixel"]
 
@@ -170,6 +171,14 @@ def stable_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+class CacheKey(NamedTuple):
+    """A key of :attr:`BatchContext.cache`: the kind of shared work and the settings it was
+    computed with (a different setting is different work)."""
+
+    kind: Literal["vit_pass", "relevance", "segments"]
+    settings: tuple[Any, ...] = ()
+
+
 @dataclass
 class BatchContext:
     """Per-batch shared state: image identities for per-image randomness, and cached work.
@@ -183,7 +192,7 @@ class BatchContext:
 
     image_ids: list[Any]
     seed: int = 0
-    cache: dict[Any, Any] = field(default_factory=dict)
+    cache: dict[CacheKey, Any] = field(default_factory=dict)
     planned: frozenset[str] = frozenset()  # names of the methods that will run on this batch
 
     @classmethod
@@ -200,7 +209,7 @@ class BatchContext:
         g.manual_seed(stable_seed(self.seed, self.image_ids[index], purpose))
         return g
 
-    def cached(self, key: Any, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    def cached(self, key: CacheKey, compute: Callable[[], Any]) -> tuple[Any, bool]:
         """Return (value, was_cached), computing and storing the value on first use."""
         if key in self.cache:
             return self.cache[key], True
@@ -211,6 +220,26 @@ class BatchContext:
     def plans(self, use: str) -> bool:
         """Whether any planned method declares the shared-work tag ``use``."""
         return any(use in get_method(m).uses for m in self.planned)
+
+
+def pixel_attribution(name: str, channels: torch.Tensor, targets: torch.Tensor, cost: Cost
+                      ) -> Attribution:
+    """Wrap a (B, 3, H, W) attribution: maps = channel sum, native = maps."""
+    maps = channels.sum(dim=1)
+    return Attribution(name, maps, maps, "pixel", targets, cost, channels=channels)
+
+
+def to_patch_map(adapter: ViTAdapter, row: torch.Tensor, images: torch.Tensor) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """Drop the prefix columns of a (B, N) token row and return (native (B, gh, gw),
+    bilinear upsampled map (B, H, W)), the map in at least float32 (float64 rows stay
+    float64, so float64 models give exact maps)."""
+    gh, gw = adapter.grid_of(images)
+    native = row[:, adapter.num_prefix_tokens:].reshape(row.shape[0], gh, gw)
+    wide = native[:, None].to(torch.promote_types(native.dtype, torch.float32))
+    full = F.interpolate(wide, size=images.shape[-2:], mode="bilinear",
+                         align_corners=False)[:, 0]
+    return native, full
 
 
 def resolve_targets(adapter: ModelAdapter, images: torch.Tensor,
@@ -302,11 +331,8 @@ def attribute(
     """
     spec = get_method(method)
     check_classifier_head(adapter.model, adapter.name)
-    if spec.vit_only and not adapter.is_vit:
-        raise ValueError(
-            f"method {spec.name!r} needs a ViT (timm VisionTransformer); "
-            f"{adapter.name!r} is not one. Use a model-agnostic method instead."
-        )
+    if spec.vit_only:
+        require_vit(adapter, spec.name)
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W); got {tuple(images.shape)}")
     if method_params is not None and params:

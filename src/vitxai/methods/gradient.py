@@ -32,6 +32,7 @@ from vitxai.methods.base import (
     Attribution,
     BatchContext,
     Cost,
+    pixel_attribution,
     register_method,
 )
 from vitxai.models.adapter import ModelAdapter
@@ -189,13 +190,6 @@ def gradients_at(adapter: ModelAdapter, targets: torch.Tensor, points: torch.Ten
                                                        flat_targets[lo:hi]),
                         b * k, size)
     return torch.cat(grads).view_as(points)
-
-
-def pixel_attribution(name: str, channels: torch.Tensor, targets: torch.Tensor, cost: Cost
-                      ) -> Attribution:
-    """Wrap a (B, 3, H, W) attribution: maps = channel sum, native = maps."""
-    maps = channels.sum(dim=1)
-    return Attribution(name, maps, maps, "pixel", targets, cost, channels=channels)
 
 
 # The generator purpose of IG's baseline. IG-U and SmoothGrad over IG draw theirs under the same

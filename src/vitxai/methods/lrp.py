@@ -18,18 +18,20 @@ from dataclasses import dataclass
 
 import torch
 
-from vitxai.methods.attention import (
-    pass_cost,
-    readout_row,
-    residual_product_row,
+from vitxai.methods.base import (
+    Attribution,
+    BatchContext,
+    CacheKey,
+    pixel_attribution,
+    register_method,
     to_patch_map,
-    vit_pass,
 )
-from vitxai.methods.base import Attribution, BatchContext, register_method
+from vitxai.methods.vit_pass import pass_cost, readout_row, residual_product_row, vit_pass
 from vitxai.models.adapter import ViTAdapter
 from vitxai.params import check_range
 
 _EPS = 1e-9
+RELEVANCE = CacheKey("relevance")  # (pass, layer it stopped at, relevance) of Chefer's pass
 
 
 def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -216,12 +218,12 @@ def _relevance(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
         raise ValueError(f"parameter start_layer={stop_layer} must be in [0, {adapter.depth})")
     vp, reused = vit_pass(adapter, images, targets, context, gradients=True)
     # one relevance pass serves every sibling whose start layer it reached
-    cached = context.cache.get("lrp")
+    cached = context.cache.get(RELEVANCE)
     if cached is not None and cached[0] is vp and cached[1] <= stop_layer:
         return vp, True, cached[2]
     with torch.no_grad():
         rel = relevance_pass(adapter, vp.capture, targets, stop_layer=stop_layer)
-    context.cache["lrp"] = (vp, stop_layer, rel)
+    context.cache[RELEVANCE] = (vp, stop_layer, rel)
     return vp, reused, rel
 
 
@@ -347,7 +349,6 @@ def chefer_full_lrp(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Te
     if (model.pos_embed is None or type(model.norm_pre).__name__ != "Identity"
             or type(pe.norm).__name__ != "Identity" or tuple(pe.proj.stride) != adapter.patch_size):
         raise ValueError(f"chefer_full_lrp needs a plain timm ViT embedding ({adapter.name!r})")
-    from vitxai.methods.gradient import pixel_attribution
 
     vp, reused, rel = _relevance(adapter, images, targets, context, 0)
     with torch.no_grad():

@@ -55,6 +55,20 @@ def check_classifier_head(model: nn.Module, name: str) -> None:
         )
 
 
+def require_vit(adapter: ModelAdapter, method: str) -> None:
+    """Refuse a ViT-only ``method`` on a model that is not a ViT: the one wording of this
+    check (the method registry, the runner and ``attribute`` all raise it).
+
+    Raises:
+        ValueError: one line naming the method and the model.
+    """
+    if not adapter.is_vit:
+        raise ValueError(
+            f"method {method!r} needs a ViT (timm VisionTransformer); model "
+            f"{adapter.name!r} is not one: choose a model-agnostic method"
+        )
+
+
 class ModelAdapter:
     """Any image classifier: normalisation plus a model mapping (B, 3, H, W) to logits (B, C).
 
