@@ -460,11 +460,11 @@ def run_vitxai(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
     if "cost" in ks.extra:  # fewer rows when 2^S ≤ n_samples (exact enumeration)
         ks.evals_per_image = float(ks.extra["cost"]["forward"])
     records.append(measure(Record("integrated_gradients", "vitxai", "integrated_gradients",
-                                  {"steps": s.ig_steps, "internal_batch_size": bs},
+                                  {"steps": s.ig_steps, "batch_size": bs},
                                   "gradient", s.ig_steps), adapter, n,
                            method("integrated_gradients", steps=s.ig_steps), s.repeats))
     records.append(measure(Record("gradient_shap", "vitxai", "gradient_shap",
-                                  {"n_samples": s.gs_samples, "internal_batch_size": bs},
+                                  {"n_samples": s.gs_samples, "batch_size": bs},
                                   "gradient", s.gs_samples), adapter, n,
                            method("gradient_shap", n_samples=s.gs_samples), s.repeats))
     covered = {"lime", "kernel_shap", "integrated_gradients", "gradient_shap"}

@@ -85,11 +85,11 @@ def test_integrated_gradients_recovers_with_the_same_map(monkeypatch):
     adapter = tiny_vit()
     x = images_for(adapter, 2)
     reference = attribute("integrated_gradients", adapter, x, [1, 2], steps=12,
-                          internal_batch_size=24)
+                          batch_size=24)
     seen: list[int] = []
     monkeypatch.setattr(adapter, "logits", _failing_logits(adapter, 5, seen))
     recovered = attribute("integrated_gradients", adapter, x, [1, 2], steps=12,
-                          internal_batch_size=24)
+                          batch_size=24)
     assert seen[:3] == [24, 12, 6] and max(seen[3:]) <= 5
     # chunks are folded in float32 and summed in float64: equal up to float32 rounding
     torch.testing.assert_close(recovered.maps, reference.maps, rtol=1e-5, atol=1e-9)
@@ -107,7 +107,7 @@ def test_default_batch_size_by_device(monkeypatch):
     attribute("lime", adapter, x, [1], n_samples=40)  # batch_size None: the CPU default
     assert seen == [16, 16, 8]
     seen.clear()
-    attribute("integrated_gradients", adapter, x, [1], steps=20, internal_batch_size=None)
+    attribute("integrated_gradients", adapter, x, [1], steps=20, batch_size=None)
     assert seen == [16, 4]
     with pytest.raises(ValueError, match="batch_size"):
         attribute("lime", adapter, x, [1], batch_size=0)

@@ -35,8 +35,8 @@ def test_ig_equals_captum_on_normalised_input(vit64):
 
 
 @pytest.mark.parametrize("method,kw", [
-    ("integrated_gradients", {"steps": 8, "baseline": "uniform", "internal_batch_size": 5}),
-    ("gradient_shap", {"n_samples": 6, "stdevs": 0.1, "internal_batch_size": 4}),
+    ("integrated_gradients", {"steps": 8, "baseline": "uniform", "batch_size": 5}),
+    ("gradient_shap", {"n_samples": 6, "sigma": 0.1, "batch_size": 4}),
 ])
 def test_batch_equals_per_image(vit64, method, kw):
     x = images_for(vit64, 3)
@@ -53,7 +53,7 @@ def test_batch_equals_per_image(vit64, method, kw):
 
 def test_gradient_shap_seeded(vit64):
     x = images_for(vit64, 1)
-    kw = {"n_samples": 5, "stdevs": 0.2}
+    kw = {"n_samples": 5, "sigma": 0.2}
     a = attribute("gradient_shap", vit64, x, 1, seed=3, **kw).maps
     b = attribute("gradient_shap", vit64, x, 1, seed=3, **kw).maps
     c = attribute("gradient_shap", vit64, x, 1, seed=4, **kw).maps
@@ -68,7 +68,7 @@ def test_gradient_shap_on_linear_model_is_exact_shap():
     lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 2))
     adapter = ModelAdapter(lin.double(), (0.0,) * 3, (1.0,) * 3, (4, 4), "linear")
     x = torch.rand(1, 3, 4, 4, dtype=torch.float64)
-    r = attribute("gradient_shap", adapter, x, 1, n_samples=4, baselines=("black",))
+    r = attribute("gradient_shap", adapter, x, 1, n_samples=4, baseline=("black",))
     w = lin[1].weight[1].view(3, 4, 4)
     assert torch.allclose(r.channels[0], x[0] * w, atol=1e-10)
 

@@ -58,13 +58,13 @@ def test_shapes_and_cost(vit64, method, kw, passes) -> None:
 
 
 @pytest.mark.parametrize(("method", "kw"), [
-    ("saliency", {"internal_batch_size": 2}),
-    ("input_x_gradient", {"internal_batch_size": 2}),
+    ("saliency", {"batch_size": 2}),
+    ("input_x_gradient", {"batch_size": 2}),
     ("input_x_gradient", {"space": "pixel"}),
-    ("smoothgrad", {"n_samples": 3, "internal_batch_size": 4}),
+    ("smoothgrad", {"n_samples": 3, "batch_size": 4}),
     ("smoothgrad", {"base": "ig", "n_samples": 2, "steps": 4, "transform": "squared",
-                    "baseline": "uniform_normalized", "internal_batch_size": 3}),
-    ("integrated_gradients_uniform", {"steps": 6, "internal_batch_size": 5}),
+                    "baseline": "uniform_normalized", "batch_size": 3}),
+    ("integrated_gradients_uniform", {"steps": 6, "batch_size": 5}),
 ])
 def test_batch_equals_per_image(vit64, method, kw) -> None:
     x = images_for(vit64, 3)
@@ -117,8 +117,8 @@ def test_ixg_normalized_equals_captum_and_differs_from_pixel(vit64) -> None:
 
 
 @pytest.mark.parametrize(("kw", "base", "base_kw"), [
-    ({"space": "normalized"}, "input_x_gradient", {"space": "normalized"}),
-    ({"space": "pixel"}, "input_x_gradient", {"space": "pixel"}),
+    ({"input_space": "normalized"}, "input_x_gradient", {"input_space": "normalized"}),
+    ({"input_space": "pixel"}, "input_x_gradient", {"input_space": "pixel"}),
     ({"base": "ig", "steps": 6}, "integrated_gradients", {"steps": 6}),
     ({"base": "ig", "steps": 6, "baseline": "uniform_normalized"}, "integrated_gradients",
      {"steps": 6, "baseline": "uniform_normalized"}),
@@ -126,7 +126,7 @@ def test_ixg_normalized_equals_captum_and_differs_from_pixel(vit64) -> None:
 def test_smoothgrad_without_noise_is_its_base(vit64, kw, base, base_kw) -> None:
     x = images_for(vit64, 2)
     t = torch.tensor([2, 9])
-    sg = attribute("smoothgrad", vit64, x, t, seed=5, stdev=0.0, n_samples=3, **kw)
+    sg = attribute("smoothgrad", vit64, x, t, seed=5, sigma=0.0, n_samples=3, **kw)
     ref = attribute(base, vit64, x, t, seed=5, **base_kw)
     torch.testing.assert_close(sg.channels, ref.channels, atol=1e-12, rtol=1e-12)
 
@@ -138,26 +138,51 @@ def test_smoothgrad_transforms_non_negative(vit64, transform) -> None:
     assert (r.channels >= 0).all() and (r.maps >= 0).all() and r.maps.sum() > 0
 
 
-@pytest.mark.parametrize(("space", "transform"), [("normalized", "none"),
-                                                  ("pixel", "squared")])
-def test_smoothgrad_noise_is_absolute_in_normalised_units(linear, space, transform) -> None:
-    """σ is in normalised units and absolute: pixel noise is σ·std_c·ε (docs/methods.md §11)."""
+@pytest.mark.parametrize(("space", "transform", "sigma"), [
+    ("normalized", "none", None), ("pixel", "squared", None), ("normalized", "none", 0.1)])
+def test_smoothgrad_noise_is_absolute_in_pixel_units(linear, space, transform, sigma) -> None:
+    """σ is absolute, in pixel units; the default is one normalised unit, std_c per channel
+    (docs/methods.md §11)."""
     x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0),
                    dtype=torch.float64)
-    t, n, sigma = torch.tensor([1, 3]), 5, 1.0
+    t, n = torch.tensor([1, 3]), 5
     ctx = BatchContext.for_batch(2, seed=11)
-    r = attribute("smoothgrad", linear, x, t, context=ctx, n_samples=n, stdev=sigma,
-                  space=space, transform=transform)
+    r = attribute("smoothgrad", linear, x, t, context=ctx, n_samples=n, sigma=sigma,
+                  input_space=space, transform=transform)
     weight = linear.model[1].weight.view(-1, 3, SIZE, SIZE)
     grad = weight[t] / linear.std  # ∂y/∂x in pixels, the same at every point
+    scale = linear.std[0] if sigma is None else sigma
     expected = []
     for i in range(2):
         eps = torch.randn(n, 3, SIZE, SIZE, generator=ctx.generator(i, "smoothgrad"),
                           dtype=torch.float64)
-        noisy = x[i] + sigma * linear.std[0] * eps
+        noisy = x[i] + scale * eps
         a = (noisy - linear.mean[0] if space == "normalized" else noisy) * grad[i]
         expected.append((a**2 if transform == "squared" else a).mean(0))
     torch.testing.assert_close(r.channels, torch.stack(expected), atol=1e-12, rtol=1e-12)
+
+
+def test_deprecated_names_give_the_same_maps_with_a_warning(linear) -> None:
+    """Old names (docs/conventions.md) work for one release: same results, a FutureWarning."""
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1),
+                   dtype=torch.float64)
+    cases = [
+        # stdev 1.0 is one normalised unit: the default sigma (std_c per channel)
+        ("smoothgrad", {"stdev": 1.0, "space": "pixel", "internal_batch_size": 3},
+         {"input_space": "pixel", "batch_size": 3}),
+        ("integrated_gradients", {"method": "riemann_left", "internal_batch_size": 4},
+         {"quadrature": "riemann_left", "batch_size": 4}),
+        ("gradient_shap", {"stdevs": 0.1, "baselines": ("black",), "n_samples": 3},
+         {"sigma": 0.1, "baseline": ("black",), "n_samples": 3}),
+        ("input_x_gradient", {"space": "pixel"}, {"input_space": "pixel"}),
+    ]
+    for method, old, new in cases:
+        with pytest.warns(FutureWarning, match="deprecated"):
+            before = attribute(method, linear, x, [1, 3], seed=4, **old)
+        after = attribute(method, linear, x, [1, 3], seed=4, **new)
+        torch.testing.assert_close(before.maps, after.maps, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not both"):
+        get_method("gradient_shap").make_params(stdevs=0.1, sigma=0.2)
 
 
 def test_ig_uniform_completeness_and_baseline(vit64) -> None:
@@ -177,20 +202,20 @@ def test_ig_uniform_completeness_and_baseline(vit64) -> None:
 
 
 @pytest.mark.parametrize(("method", "name", "value"), [
-    ("saliency", "internal_batch_size", 0),
-    ("input_x_gradient", "space", "normalised"),
-    ("input_x_gradient", "internal_batch_size", 0),
+    ("saliency", "batch_size", 0),
+    ("input_x_gradient", "input_space", "normalised"),
+    ("input_x_gradient", "batch_size", 0),
     ("smoothgrad", "base", "gradient_shap"),
     ("smoothgrad", "n_samples", 0),
-    ("smoothgrad", "stdev", -0.1),
+    ("smoothgrad", "sigma", -0.1),
     ("smoothgrad", "transform", "relu"),
-    ("smoothgrad", "space", "rgb"),
+    ("smoothgrad", "input_space", "rgb"),
     ("smoothgrad", "steps", 0),
     ("smoothgrad", "baseline", "grey"),
     ("integrated_gradients_uniform", "steps", 0),
-    ("integrated_gradients_uniform", "method", "simpson"),
+    ("integrated_gradients_uniform", "quadrature", "simpson"),
     ("integrated_gradients", "baseline", "zeros"),
-    ("gradient_shap", "baselines", ("mean", "noise")),
+    ("gradient_shap", "baseline", ("mean", "noise")),
 ])
 def test_invalid_params(method, name, value) -> None:
     with pytest.raises(ValueError, match=f"parameter {name}=") as info:

@@ -82,8 +82,8 @@ def test_float_parameters_reject_nan_and_non_numbers(prefix, cls, name, value) -
 
 
 def test_nan_inside_a_tuple_parameter_is_named() -> None:
-    with pytest.raises(ValueError, match=re.escape("gradient_shap.baselines[1]=nan")):
-        get_method("gradient_shap").make_params(baselines=("mean", float("nan")))
+    with pytest.raises(ValueError, match=re.escape("gradient_shap.baseline[1]=nan")):
+        get_method("gradient_shap").make_params(baseline=("mean", float("nan")))
 
 
 @pytest.mark.parametrize(("prefix", "cls", "name"), _fields_of(bool))
@@ -99,7 +99,7 @@ def test_legitimate_values_still_pass() -> None:
     lime = get_method("lime").make_params(n_samples=np.int64(30), kernel_width=1, alpha=0,
                                           fill=0, batch_size=None)
     assert (lime.n_samples, lime.kernel_width, lime.fill) == (30, 1, 0)
-    get_method("gradient_shap").make_params(baselines=["mean", 0.5], stdevs=0)
+    get_method("gradient_shap").make_params(baseline=["mean", 0.5], sigma=0)
     get_method("raw_attention").make_params(head=None, layer=-1)
     assert MaskParams(component_percentile=80, clip_negative=np.bool_(False)).otsu_nbins == 256
     assert SegmentationParams(kernel_size=4, seed=np.int32(3)).seed == 3
@@ -144,11 +144,74 @@ def test_evaluate_counts_are_checked(capsys, tmp_path) -> None:
     assert _one_error_line(capsys) == "vitxai: error: --steps must be at least 1; got 0"
 
 
+def _library_strings() -> list[tuple[str, int, str]]:
+    """(file, line, text) of every string literal of the library but its docstrings; the
+    command line (cli.py) and the training script's own options (train.py) excepted."""
+    import ast
+    from pathlib import Path
+
+    import vitxai
+
+    root = Path(vitxai.__file__).parent
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name in ("cli.py", "train.py"):
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef
+                              | ast.AsyncFunctionDef)
+                and n.body and isinstance(n.body[0], ast.Expr)
+                and isinstance(n.body[0].value, ast.Constant)}
+        out += [(path.name, n.lineno, n.value) for n in ast.walk(tree)
+                if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                and id(n) not in docs]
+    return out
+
+
+def test_library_names_parameters_not_options() -> None:
+    option = re.compile(r"(?<![\w-])--[a-z]")
+    assert [s for s in _library_strings() if option.search(s[2])] == []
+
+
+@pytest.mark.parametrize(("library", "command_line"), [
+    ("device='cuda': CUDA is not available on this machine; use device='cpu'",
+     "--device cuda: CUDA is not available on this machine; use --device cpu"),
+    ("idx_sample_img=7 is outside the dataset [0, 3)",
+     "--idx_sample_img 7 is outside the dataset [0, 3)"),
+    ("r has no saved maps; rerun the comparison with save_attr_maps=True",
+     "r has no saved maps; rerun the comparison with --save_attr_maps"),
+    ("or skip its images with allow_missing=True", "or skip its images with --allow-missing"),
+    ("pass a local weights file as checkpoint=PATH, or load random weights with "
+     "pretrained=False", "pass a local weights file as --checkpoint PATH, or load random "
+     "weights with --random-weights"),
+    ("download it with vitxai.data.download_imagenette(root='d', variant='320')",
+     "download it with vitxai data imagenette --variant 320 --root d"),
+    ("parameter lime.device=1 and lime.precision=2 stay",
+     "parameter lime.device=1 and lime.precision=2 stay"),
+])
+def test_cli_words_library_errors_as_options(library, command_line) -> None:
+    assert cli._cli_wording(library) == command_line
+
+
+def test_out_of_range_sample_image_names_the_option(capsys, tmp_path) -> None:
+    from vitxai.compare import CompareSettings, compare
+    from vitxai.data.synthetic import SyntheticBenchmark
+
+    adapter, data = load_bundled_model(), SyntheticBenchmark(size=2)
+    settings = CompareSettings(methods=["rollout"], idx_sample_img=5)
+    with pytest.raises(ValueError, match=r"^idx_sample_img=5 is outside the dataset \[0, 2\)"):
+        compare(adapter, data, tmp_path / "lib", settings, progress=False)
+    assert main([*QUICK_RUN, "--idx_sample_img", "5", "--out", str(tmp_path / "cli")]) == 2
+    assert _one_error_line(capsys) == ("vitxai: error: --idx_sample_img 5 is outside the "
+                                       "dataset [0, 2)")
+
+
 # --- devices and checkpoints ------------------------------------------------------------------
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_one_line(capsys) -> None:
-    with pytest.raises(ValueError, match="CUDA is not available on this machine; use --device"):
+    with pytest.raises(ValueError, match="CUDA is not available on this machine; use device='cpu'"):
         load_bundled_model(device="cuda")
     assert main([*QUICK_RUN, "--device", "cuda"]) == 2
     assert _one_error_line(capsys) == ("vitxai: error: --device cuda: CUDA is not available on "

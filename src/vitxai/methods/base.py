@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -102,10 +103,38 @@ class MethodSpec:
     paper: str
     summary: str
     uses: frozenset[str] = frozenset()  # shared per-batch work: "segments", "attention", "lrp"
+    renamed: Mapping[str, str] = field(default_factory=dict)  # old parameter name → new
+
+    def current_names(self, values: Mapping[str, Any], *, warn: bool = True
+                      ) -> dict[str, Any]:
+        """``values`` with deprecated parameter names and values in today's vocabulary
+        (docs/conventions.md), warning once per old name when ``warn``."""
+        out = dict(values)
+        for old, new in self.renamed.items():
+            if old not in out:
+                continue
+            if new in out:
+                raise ValueError(f"method {self.name!r}: pass {new} or its old name {old}, "
+                                 "not both")
+            out[new] = out.pop(old)
+            if warn:
+                warnings.warn(f"parameter {self.name}.{old} is deprecated; call it {new} "
+                              "(the old name is accepted until vitxai 0.3)", FutureWarning,
+                              stacklevel=4)
+        for name, spellings in RENAMED_VALUES.items():
+            value = out.get(name)
+            if isinstance(value, str) and value in spellings:
+                out[name] = spellings[value]
+                if warn:
+                    warnings.warn(f"{self.name}.{name}={value!r} is deprecated; use "
+                                  f"{spellings[value]!r}", FutureWarning, stacklevel=4)
+        return out
 
     def make_params(self, **overrides: Any) -> Any:
         """Build this method's parameter dataclass, rejecting unknown names and values whose
-        type does not fit the field's annotation (before the dataclass's range checks)."""
+        type does not fit the field's annotation (before the dataclass's range checks).
+        Deprecated names are accepted with a warning (:meth:`current_names`)."""
+        overrides = self.current_names(overrides)
         names = {f.name for f in dataclasses.fields(self.params)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -116,6 +145,9 @@ class MethodSpec:
         check_types(self.params, overrides, prefix=f"{self.name}.")
         return self.params(**overrides)
 
+
+#: old spellings of parameter values, accepted with a warning for one release
+RENAMED_VALUES: dict[str, dict[str, str]] = {}
 
 METHODS: dict[str, MethodSpec] = {}
 _ALIASES: dict[str, str] = {}
@@ -135,18 +167,21 @@ def register_method(
     vit_only: bool = False,
     uses: Iterable[str] = (),
     aliases: Sequence[str] = (),
+    renamed: Mapping[str, str] | None = None,
 ) -> Callable[[Callable[..., Attribution]], Callable[..., Attribution]]:
     """Decorator adding a method to :data:`METHODS` (timm-registry style).
 
     ``aliases`` are alternative spellings accepted by :func:`get_method`, for example the
-    original comparison's names (``IntegratedGradients``, ``BeyondAttention``).
+    original comparison's names (``IntegratedGradients``, ``BeyondAttention``); ``renamed``
+    maps deprecated parameter names to today's (accepted with a warning for one release).
     """
 
     def decorate(fn: Callable[..., Attribution]) -> Callable[..., Attribution]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         METHODS[name] = MethodSpec(
-            name, fn, params, family, vit_only, paper, summary, frozenset(uses)
+            name, fn, params, family, vit_only, paper, summary, frozenset(uses),
+            dict(renamed or {}),
         )
         for alias in (name, *aliases):
             _ALIASES[_key(alias)] = name

@@ -3,7 +3,7 @@
 Saliency, Input×Gradient, Integrated Gradients (also with the IDSDS uniform baseline, "IG-U"),
 SmoothGrad over IxG or IG, and GradientSHAP all evaluate ∂y_c/∂x at one or many points per
 image. :func:`path_gradient_sum` builds the points chunk by chunk, streams them through the model
-``internal_batch_size`` at a time (:func:`target_gradient` per chunk; parameters frozen, so
+``batch_size`` at a time (:func:`target_gradient` per chunk; parameters frozen, so
 backward only reaches the input; the chunk halves when it runs out of memory) and folds each
 chunk's gradients into a per-image sum, so memory does not grow with the number of points.
 We do not call captum here: its GradientShap and NoiseTunnel draw one random stream for the
@@ -20,6 +20,7 @@ both spaces, while Input×Gradient and saliency are not (see their ``space`` not
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -101,12 +102,12 @@ def target_gradient(adapter: ModelAdapter, x: torch.Tensor, t: torch.Tensor) -> 
 
 def path_gradient_sum(adapter: ModelAdapter, targets: torch.Tensor, starts: torch.Tensor,
                       ends: torch.Tensor, alphas: torch.Tensor, weights: torch.Tensor,
-                      internal_batch_size: int | None, *, times_difference: bool = False,
+                      batch_size: int | None, *, times_difference: bool = False,
                       start_index: torch.Tensor | None = None,
                       batcher: AdaptiveBatch | None = None) -> torch.Tensor:
     """Σ_k w_k ∇y(s_k + α_k (e_k − s_k)) per image, or Σ_k w_k (e_k − s_k) ⊙ ∇y(...).
 
-    The B·K points are built and evaluated chunk by chunk (``internal_batch_size`` points per
+    The B·K points are built and evaluated chunk by chunk (``batch_size`` points per
     forward and backward; a chunk that runs out of memory is retried at half the size, kept
     for the rest of the call, :func:`vitxai.batching.run_chunked`), and each chunk's gradients
     are folded into a (B, 3, H, W) sum at once, so memory does not grow with K: no (B, K, 3,
@@ -125,7 +126,7 @@ def path_gradient_sum(adapter: ModelAdapter, targets: torch.Tensor, starts: torc
             ``starts[b, start_index[b, k]]`` (a few distinct baselines shared by many points,
             without a (B, K, 3, H, W) copy).
         batcher: optional :class:`~vitxai.batching.AdaptiveBatch` used instead of a fresh one
-            (``internal_batch_size`` is then ignored); its ``size`` tells where it settled.
+            (``batch_size`` is then ignored); its ``size`` tells where it settled.
 
     Returns:
         (B, 3, H, W) weighted sums (accumulated in float64) in the endpoints' dtype.
@@ -133,8 +134,8 @@ def path_gradient_sum(adapter: ModelAdapter, targets: torch.Tensor, starts: torc
     b, k = alphas.shape
     shape = starts.shape[2:]
     device = starts.device
-    if internal_batch_size is None:
-        internal_batch_size = default_batch_size(device)
+    if batch_size is None:
+        batch_size = default_batch_size(device)
     flat_alpha = alphas.reshape(-1).to(device, starts.dtype)
     flat_weight = weights.reshape(-1).to(device, starts.dtype)
     flat_targets = targets.to(device).repeat_interleave(k)
@@ -171,12 +172,12 @@ def path_gradient_sum(adapter: ModelAdapter, targets: torch.Tensor, starts: torc
         first, sums = out
         total[first:first + sums.shape[0]] += sums.view(-1, *shape).double()
 
-    run_chunked(chunk, b * k, internal_batch_size, consume=add, batcher=batcher)
+    run_chunked(chunk, b * k, batch_size, consume=add, batcher=batcher)
     return total.to(starts.dtype)
 
 
 def gradients_at(adapter: ModelAdapter, targets: torch.Tensor, points: torch.Tensor,
-                 internal_batch_size: int | None) -> torch.Tensor:
+                 batch_size: int | None) -> torch.Tensor:
     """∂y_t/∂x at given points: (B, K, 3, H, W) points → (B, K, 3, H, W) gradients.
 
     For saliency, Input×Gradient and SmoothGrad over IxG, which transform each point's
@@ -185,7 +186,7 @@ def gradients_at(adapter: ModelAdapter, targets: torch.Tensor, points: torch.Ten
     b, k = points.shape[:2]
     flat = points.reshape(b * k, *points.shape[2:])
     flat_targets = targets.to(points.device).repeat_interleave(k)
-    size = default_batch_size(points.device) if internal_batch_size is None else internal_batch_size
+    size = default_batch_size(points.device) if batch_size is None else batch_size
     grads = run_chunked(lambda lo, hi: target_gradient(adapter, flat[lo:hi],
                                                        flat_targets[lo:hi]),
                         b * k, size)
@@ -205,29 +206,26 @@ class IntegratedGradientsParams:
     Attributes:
         steps: number of path points, ≥ 1 (captum's default 50).
         baseline: see :func:`make_baseline`; default "mean" = captum's zero on normalised input.
-        method: "gausslegendre" (captum's default) or "riemann_trapezoid", "riemann_left",
-            "riemann_right", "riemann_middle".
-        internal_batch_size: path points per model call, ≥ 1; None: 16 on a CPU, 64 on an
+        quadrature: "gausslegendre" (captum's default) or "riemann_trapezoid",
+            "riemann_left", "riemann_right", "riemann_middle".
+        batch_size: path points per model call, ≥ 1; None: 16 on a CPU, 64 on an
             accelerator (:func:`vitxai.batching.default_batch_size`).
     """
 
     steps: int = 50
     baseline: Baseline = "mean"
-    method: str = "gausslegendre"
-    internal_batch_size: int | None = None
+    quadrature: str = "gausslegendre"
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        _check_ig(self.steps, self.method, self.internal_batch_size)
+        _check_ig(self.steps, self.quadrature, self.batch_size)
         check_baseline("baseline", self.baseline)
 
 
-def _check_ig(steps: int, method: str, internal_batch_size: int | None) -> None:
+def _check_ig(steps: int, quadrature: str, batch_size: int | None) -> None:
     check_range("steps", steps, 1, None)
-    check_batch_size("internal_batch_size", internal_batch_size)
-    if method not in _QUADRATURES:
-        raise ValueError(
-            f"parameter method={method!r} must be one of {', '.join(_QUADRATURES)}"
-        )
+    check_batch_size("batch_size", batch_size)
+    check_choice("quadrature", quadrature, tuple(_QUADRATURES))
 
 
 def _gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -260,6 +258,7 @@ _QUADRATURES: dict[str, Callable[[int], tuple[np.ndarray, np.ndarray]]] = {
 
 @register_method(
     "integrated_gradients",
+    renamed={"method": "quadrature", "internal_batch_size": "batch_size"},
     params=IntegratedGradientsParams,
     family="gradient",
     aliases=("IntegratedGradients", "ig"),
@@ -269,22 +268,22 @@ _QUADRATURES: dict[str, Callable[[int], tuple[np.ndarray, np.ndarray]]] = {
 def integrated_gradients(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
                          p: IntegratedGradientsParams, context: BatchContext) -> Attribution:
     base = make_baseline(adapter, images, p.baseline, context, IG_BASELINE)
-    channels = ig_channels(adapter, images, targets, base, p.steps, p.method,
-                           p.internal_batch_size)
+    channels = ig_channels(adapter, images, targets, base, p.steps, p.quadrature,
+                           p.batch_size)
     return pixel_attribution("integrated_gradients", channels, targets,
                              Cost(forward=p.steps, backward=p.steps))
 
 
 def ig_channels(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
-                base: torch.Tensor, steps: int, method: str, internal_batch_size: int | None
+                base: torch.Tensor, steps: int, quadrature: str, batch_size: int | None
                 ) -> torch.Tensor:
     """(B, 3, H, W) IG attribution (x − x′) ⊙ Σ_k w_k ∇y(x′ + α_k(x − x′))."""
-    alpha, weight = _QUADRATURES[method](steps)
+    alpha, weight = _QUADRATURES[quadrature](steps)
     b = images.shape[0]
     alphas = torch.as_tensor(alpha, dtype=images.dtype).expand(b, -1)
     weights = torch.as_tensor(weight, dtype=torch.float64).expand(b, -1)
     grads = path_gradient_sum(adapter, targets, base[:, None], images[:, None], alphas,
-                              weights, internal_batch_size)
+                              weights, batch_size)
     return (images - base) * grads
 
 
@@ -299,21 +298,22 @@ class IntegratedGradientsUniformParams:
 
     Attributes:
         steps: number of path points, ≥ 1 (IDSDS: 50 Gauss–Legendre).
-        method: quadrature rule, as for :class:`IntegratedGradientsParams`.
-        internal_batch_size: path points per model call, ≥ 1; None: 16 on a CPU, 64 on an
+        quadrature: the rule, as for :class:`IntegratedGradientsParams`.
+        batch_size: path points per model call, ≥ 1; None: 16 on a CPU, 64 on an
             accelerator (:func:`vitxai.batching.default_batch_size`).
     """
 
     steps: int = 50
-    method: str = "gausslegendre"
-    internal_batch_size: int | None = None
+    quadrature: str = "gausslegendre"
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        _check_ig(self.steps, self.method, self.internal_batch_size)
+        _check_ig(self.steps, self.quadrature, self.batch_size)
 
 
 @register_method(
     "integrated_gradients_uniform",
+    renamed={"method": "quadrature", "internal_batch_size": "batch_size"},
     params=IntegratedGradientsUniformParams,
     family="gradient",
     aliases=("IG-U", "IntegratedGradientsUniform"),
@@ -325,8 +325,8 @@ def integrated_gradients_uniform(adapter: ModelAdapter, images: torch.Tensor,
                                  targets: torch.Tensor, p: IntegratedGradientsUniformParams,
                                  context: BatchContext) -> Attribution:
     base = make_baseline(adapter, images, "uniform_normalized", context, IG_BASELINE)
-    channels = ig_channels(adapter, images, targets, base, p.steps, p.method,
-                           p.internal_batch_size)
+    channels = ig_channels(adapter, images, targets, base, p.steps, p.quadrature,
+                           p.batch_size)
     return pixel_attribution("integrated_gradients_uniform", channels, targets,
                              Cost(forward=p.steps, backward=p.steps))
 
@@ -335,35 +335,36 @@ def integrated_gradients_uniform(adapter: ModelAdapter, images: torch.Tensor,
 class GradientShapParams:
     """GradientSHAP (Lundberg & Lee 2017; captum's formulation).
 
-    For each of ``n_samples`` draws: add N(0, stdevs²) noise to the image, pick a baseline
-    uniformly from ``baselines``, pick α ~ U(0, 1), and take (x̃ − x′) ⊙ ∇y(x′ + α(x̃ − x′));
+    For each of ``n_samples`` draws: add N(0, sigma²) noise to the image, pick a baseline
+    uniformly from ``baseline``, pick α ~ U(0, 1), and take (x̃ − x′) ⊙ ∇y(x′ + α(x̃ − x′));
     the attribution is the mean. Randomness comes from each image's own generator.
 
     Attributes:
         n_samples: draws per image, ≥ 1 (captum's tutorial and the original comparison: 50).
-        stdevs: noise standard deviation in pixel units ([0, 1] images), ≥ 0.
-        baselines: the baseline distribution, names as in :func:`make_baseline`.
-        internal_batch_size: points per model call, ≥ 1; None: 16 on a CPU, 64 on an
+        sigma: noise standard deviation in pixel units ([0, 1] images), ≥ 0.
+        baseline: the baseline distribution, names as in :func:`make_baseline`.
+        batch_size: points per model call, ≥ 1; None: 16 on a CPU, 64 on an
             accelerator (:func:`vitxai.batching.default_batch_size`).
     """
 
     n_samples: int = 50
-    stdevs: float = 0.0
-    baselines: tuple[Baseline, ...] = ("mean", "black")
-    internal_batch_size: int | None = None
+    sigma: float = 0.0
+    baseline: tuple[Baseline, ...] = ("mean", "black")
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         check_range("n_samples", self.n_samples, 1, None)
-        check_range("stdevs", self.stdevs, 0.0, None)
-        check_batch_size("internal_batch_size", self.internal_batch_size)
-        if not self.baselines:
-            raise ValueError("parameter baselines must name at least one baseline")
-        for b in self.baselines:
-            check_baseline("baselines", b)
+        check_range("sigma", self.sigma, 0.0, None)
+        check_batch_size("batch_size", self.batch_size)
+        if not self.baseline:
+            raise ValueError("parameter baseline must name at least one baseline")
+        for b in self.baseline:
+            check_baseline("baseline", b)
 
 
 @register_method(
     "gradient_shap",
+    renamed={"stdevs": "sigma", "baselines": "baseline", "internal_batch_size": "batch_size"},
     params=GradientShapParams,
     family="gradient",
     aliases=("GradientSHAP", "gradshap"),
@@ -375,21 +376,21 @@ def gradient_shap(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Te
                   p: GradientShapParams, context: BatchContext) -> Attribution:
     b, n = images.shape[0], p.n_samples
     bases = torch.stack([make_baseline(adapter, images, name, context, f"gs_baseline{j}")
-                         for j, name in enumerate(p.baselines)], dim=1)  # (B, nb, 3, H, W)
+                         for j, name in enumerate(p.baseline)], dim=1)  # (B, nb, 3, H, W)
     choice, alphas, noise = [], [], []
     for i in range(b):
         g = context.generator(i, "gradient_shap")
-        choice.append(torch.randint(len(p.baselines), (n,), generator=g))
+        choice.append(torch.randint(len(p.baseline), (n,), generator=g))
         alphas.append(torch.rand(n, generator=g, dtype=torch.float64))
-        noise.append(torch.randn(n, *images.shape[1:], generator=g) * p.stdevs
-                     if p.stdevs > 0 else None)
+        noise.append(torch.randn(n, *images.shape[1:], generator=g) * p.sigma
+                     if p.sigma > 0 else None)
     noisy = images[:, None].expand(b, n, *images.shape[1:])
-    if p.stdevs > 0:
+    if p.sigma > 0:
         noisy = noisy + torch.stack(noise).to(images)
     channels = path_gradient_sum(adapter, targets, bases, noisy,
                                  torch.stack(alphas).to(images.dtype),
                                  torch.full((b, n), 1.0 / n, dtype=torch.float64),
-                                 p.internal_batch_size, times_difference=True,
+                                 p.batch_size, times_difference=True,
                                  start_index=torch.stack(choice))
     return pixel_attribution("gradient_shap", channels, targets,
                              Cost(forward=n, backward=n))
@@ -405,18 +406,19 @@ class SaliencyParams:
     """Gradient saliency (Simonyan, Vedaldi & Zisserman 2014).
 
     Attributes:
-        internal_batch_size: images per model call, ≥ 1; None: 16 on a CPU, 64 on an
+        batch_size: images per model call, ≥ 1; None: 16 on a CPU, 64 on an
             accelerator (:func:`vitxai.batching.default_batch_size`).
     """
 
-    internal_batch_size: int | None = None
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        check_batch_size("internal_batch_size", self.internal_batch_size)
+        check_batch_size("batch_size", self.batch_size)
 
 
 @register_method(
     "saliency",
+    renamed={"internal_batch_size": "batch_size"},
     params=SaliencyParams,
     family="gradient",
     aliases=("Saliency", "vanilla_gradient"),
@@ -432,7 +434,7 @@ def saliency(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
     ``channels`` itself); the paper's map is the channel *maximum*, ``channels.amax(1)``. With
     respect to the normalised input, channel c would be scaled by σ_c.
     """
-    grads = gradients_at(adapter, targets, images[:, None], p.internal_batch_size)[:, 0]
+    grads = gradients_at(adapter, targets, images[:, None], p.batch_size)[:, 0]
     return pixel_attribution("saliency", grads.abs(), targets, Cost(forward=1, backward=1))
 
 
@@ -455,22 +457,23 @@ class InputXGradientParams:
     """Input×Gradient (Shrikumar et al. 2016).
 
     Attributes:
-        space: "normalized" (default; x_norm ⊙ ∂y/∂x_norm as captum and IDSDS) or "pixel"
-            (x ⊙ ∂y/∂x on [0, 1] pixels), see :func:`ixg_channels`.
-        internal_batch_size: images per model call, ≥ 1; None: 16 on a CPU, 64 on an
+        input_space: "normalized" (default; x_norm ⊙ ∂y/∂x_norm as captum and IDSDS) or
+            "pixel" (x ⊙ ∂y/∂x on [0, 1] pixels), see :func:`ixg_channels`.
+        batch_size: images per model call, ≥ 1; None: 16 on a CPU, 64 on an
             accelerator (:func:`vitxai.batching.default_batch_size`).
     """
 
-    space: InputSpace = "normalized"
-    internal_batch_size: int | None = None
+    input_space: InputSpace = "normalized"
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        check_choice("space", self.space, INPUT_SPACES)
-        check_batch_size("internal_batch_size", self.internal_batch_size)
+        check_choice("input_space", self.input_space, INPUT_SPACES)
+        check_batch_size("batch_size", self.batch_size)
 
 
 @register_method(
     "input_x_gradient",
+    renamed={"space": "input_space", "internal_batch_size": "batch_size"},
     params=InputXGradientParams,
     family="gradient",
     aliases=("IxG", "InputXGradient"),
@@ -480,9 +483,9 @@ class InputXGradientParams:
 )
 def input_x_gradient(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
                      p: InputXGradientParams, context: BatchContext) -> Attribution:
-    grads = gradients_at(adapter, targets, images[:, None], p.internal_batch_size)[:, 0]
-    return pixel_attribution("input_x_gradient", ixg_channels(adapter, images, grads, p.space),
-                             targets, Cost(forward=1, backward=1))
+    grads = gradients_at(adapter, targets, images[:, None], p.batch_size)[:, 0]
+    channels = ixg_channels(adapter, images, grads, p.input_space)
+    return pixel_attribution("input_x_gradient", channels, targets, Cost(forward=1, backward=1))
 
 
 SmoothGradBase = Literal["ixg", "ig"]
@@ -498,48 +501,62 @@ _TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class SmoothGradParams:
     """SmoothGrad (Smilkov et al. 2017) over Input×Gradient or Integrated Gradients.
 
-    For each of ``n_samples`` draws, Gaussian noise of standard deviation ``stdev`` in
-    *normalised* units (σ_pixel = stdev·σ_c per channel) is added to the image, the base method
-    is applied to the noisy image, ``transform`` is applied per sample and channel, and the
-    results are averaged (captum's NoiseTunnel: "smoothgrad", "smoothgrad_sq" = "squared").
-    IDSDS's IxG-SG / IG-SG: 4 samples, σ = 1.0 absolute (docs/evaluation.md §2).
+    For each of ``n_samples`` draws, Gaussian noise of standard deviation ``sigma`` (pixel
+    units of [0, 1] images) is added to the image, the base method is applied to the noisy
+    image, ``transform`` is applied per sample and channel, and the results are averaged
+    (captum's NoiseTunnel: "smoothgrad", "smoothgrad_sq" = "squared"). IDSDS's IxG-SG /
+    IG-SG: 4 samples, σ = 1.0 in normalised units, i.e. σ_c pixel units in channel c — the
+    default (docs/evaluation.md §2).
 
     Attributes:
         base: "ixg" (Input×Gradient) or "ig" (Integrated Gradients).
         n_samples: noisy copies per image, ≥ 1.
-        stdev: noise standard deviation in normalised units, ≥ 0 (absolute, not relative to
-            the image's range; 0 gives the base method).
+        sigma: noise standard deviation in pixel units, ≥ 0 (absolute, 0 gives the base
+            method); None: the model's std per channel (one normalised unit, IDSDS).
+        stdev: deprecated (until vitxai 0.3): noise in normalised units, σ_c·stdev pixel
+            units per channel; give ``sigma`` or ``stdev``, not both.
         transform: "none", "abs" (mean of |a|) or "squared" (SmoothGrad-Squared, mean of a²).
-        space: the Input×Gradient space ("ixg" base only), see :class:`InputXGradientParams`.
+        input_space: the Input×Gradient space ("ixg" base only), see
+            :class:`InputXGradientParams`.
         steps: Gauss–Legendre points per IG ("ig" base only), ≥ 1.
         baseline: the IG baseline ("ig" base only; fixed while the input is noised, as in
             captum), names as in :func:`make_baseline`.
-        internal_batch_size: points per model call, ≥ 1; None: 16 on a CPU, 64 on an
+        batch_size: points per model call, ≥ 1; None: 16 on a CPU, 64 on an
             accelerator (:func:`vitxai.batching.default_batch_size`).
     """
 
     base: SmoothGradBase = "ixg"
     n_samples: int = 4
-    stdev: float = 1.0
+    sigma: float | None = None
+    stdev: float | None = None
     transform: Transform = "none"
-    space: InputSpace = "normalized"
+    input_space: InputSpace = "normalized"
     steps: int = 50
     baseline: Baseline = "mean"
-    internal_batch_size: int | None = None
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         check_choice("base", self.base, ("ixg", "ig"))
         check_range("n_samples", self.n_samples, 1, None)
-        check_range("stdev", self.stdev, 0.0, None)
+        if self.sigma is not None:
+            check_range("sigma", self.sigma, 0.0, None)
+        if self.stdev is not None:
+            check_range("stdev", self.stdev, 0.0, None)
+            if self.sigma is not None:
+                raise ValueError("smoothgrad: give sigma (pixel units) or the deprecated stdev "
+                                 "(normalised units), not both")
+            warnings.warn("smoothgrad.stdev is deprecated; give sigma in pixel units (stdev "
+                          "s is s·std_c per channel)", FutureWarning, stacklevel=5)
         check_choice("transform", self.transform, tuple(_TRANSFORMS))
-        check_choice("space", self.space, INPUT_SPACES)
+        check_choice("input_space", self.input_space, INPUT_SPACES)
         check_range("steps", self.steps, 1, None)
         check_baseline("baseline", self.baseline)
-        check_batch_size("internal_batch_size", self.internal_batch_size)
+        check_batch_size("batch_size", self.batch_size)
 
 
 @register_method(
     "smoothgrad",
+    renamed={"space": "input_space", "internal_batch_size": "batch_size"},
     params=SmoothGradParams,
     family="gradient",
     aliases=("SmoothGrad", "SG", "NoiseTunnel"),
@@ -557,19 +574,21 @@ def smoothgrad(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
                     dtype=torch.float64).to(images)
         for i in range(b)
     ])
-    # stdev is in normalised units: one normalised unit is σ_c pixel units in channel c
-    noisy = images[:, None] + p.stdev * adapter.std[:, None] * noise  # (B, n, 3, H, W)
+    # one normalised unit is σ_c pixel units in channel c
+    sigma = (adapter.std[:, None] * (1.0 if p.stdev is None else p.stdev) if p.sigma is None
+             else p.sigma)
+    noisy = images[:, None] + sigma * noise  # (B, n, 3, H, W)
     transform = _TRANSFORMS[p.transform]
     if p.base == "ixg":
-        grads = gradients_at(adapter, targets, noisy, p.internal_batch_size)
-        channels = transform(ixg_channels(adapter, noisy, grads, p.space)).mean(dim=1)
+        grads = gradients_at(adapter, targets, noisy, p.batch_size)
+        channels = transform(ixg_channels(adapter, noisy, grads, p.input_space)).mean(dim=1)
         passes = n
     else:
         base = make_baseline(adapter, images, p.baseline, context, IG_BASELINE)
         # one IG per noisy copy keeps memory at one IG's (B·steps gradients), not n times it
         channels = torch.stack([
             transform(ig_channels(adapter, noisy[:, k], targets, base, p.steps,
-                                  "gausslegendre", p.internal_batch_size))
+                                  "gausslegendre", p.batch_size))
             for k in range(n)
         ]).mean(dim=0)
         passes = n * p.steps
