@@ -114,7 +114,7 @@ def test_rise_masks_follow_the_paper(monkeypatch) -> None:
         sizes.append(tuple(size))
         return original(x, size=size, **kwargs)
 
-    monkeypatch.setattr(P.F, "interpolate", spy)
+    monkeypatch.setattr(F, "interpolate", spy)
     grids, shifts = P.rise_draws(BatchContext.for_batch(1), 1, 400, 8, 0.1, (224, 224))
     assert grids.shape == (1, 400, 8, 8) and shifts.shape == (1, 400, 2)
     assert 0 <= shifts.min() and shifts.max() < 28  # cell = ceil(224 / 8)
