@@ -104,7 +104,7 @@ def test_same_seed_same_numbers(image_dir, full_run, tmp_path):
 
 
 def test_resume_after_interruption(image_dir, tmp_path, monkeypatch):
-    import vitxai.compare as compare_module
+    import vitxai.runner as runner_module  # the per-batch loop
     from vitxai.models.bundled import load_bundled_model
 
     adapter = load_bundled_model()
@@ -112,7 +112,7 @@ def test_resume_after_interruption(image_dir, tmp_path, monkeypatch):
     settings = CompareSettings(methods=["attention_rollout", "integrated_gradients"],
                                method_params={"integrated_gradients": {"steps": 2}},
                                batch_size=1)
-    real = compare_module.attribute
+    real = runner_module.attribute
     calls = {"n": 0}
 
     def failing(*args, **kwargs):
@@ -121,14 +121,14 @@ def test_resume_after_interruption(image_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(compare_module, "attribute", failing)
+    monkeypatch.setattr(runner_module, "attribute", failing)
     with pytest.warns(UserWarning), pytest.raises(KeyboardInterrupt):
         compare(adapter, dataset, tmp_path / "r", settings, progress=False)
     manifest = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert sorted(manifest["done"]) == [1, 2] and not manifest["complete"]
-    monkeypatch.setattr(compare_module, "attribute", real)
+    monkeypatch.setattr(runner_module, "attribute", real)
     seen = []
-    monkeypatch.setattr(compare_module, "attribute",
+    monkeypatch.setattr(runner_module, "attribute",
                         lambda *a, **k: seen.append(1) or real(*a, **k))
     compare(adapter, dataset, tmp_path / "r", settings, progress=False)
     assert len(seen) == 2 * 2  # images 3 and 4 only

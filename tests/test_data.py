@@ -247,7 +247,8 @@ def test_imagenette_errors(tmp_path: Path) -> None:
         Imagenette(tmp_path, "512", transform=eval_transform(CONFIG))
     with pytest.raises(FileNotFoundError) as info:
         Imagenette(tmp_path, "160", transform=eval_transform(CONFIG))
-    assert f"vitxai data imagenette --variant 160 --root {tmp_path}" in str(info.value)
+    assert (f"vitxai.data.download_imagenette(root={str(tmp_path)!r}, variant='160')"
+            in str(info.value))
     assert "\n" not in str(info.value)
 
 

@@ -48,6 +48,12 @@ def test_evaluation_tables_and_rows(evaluated):
     with (evaluated / "per_image_evaluation.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 3 and all(r["deletion_auc"] for r in rows)
+    from vitxai.metrics.scores import EVALUATION_SCORES
+
+    scored = [(EVALUATION_SCORES[k], float(v)) for r in rows for k, v in r.items()
+              if k in EVALUATION_SCORES and v]
+    assert {s.name for s, _ in scored} >= {"deletion_auc", "insertion_auc", "gini"}
+    assert all(s.contains(v) for s, v in scored if np.isfinite(v)), scored
 
 
 def test_report_is_self_contained(evaluated):

@@ -13,7 +13,7 @@ from vitxai.models import ModelLoadError, ViTAdapter, data_config, load_model
 
 def test_offline_hub_error_is_fast_and_names_checkpoint():
     start = time.perf_counter()
-    with pytest.raises(ModelLoadError, match=r"vit_base_patch16_224.*--checkpoint"):
+    with pytest.raises(ModelLoadError, match=r"vit_base_patch16_224.*checkpoint=PATH"):
         load_model("vit_base_patch16_224", pretrained=True)
     assert time.perf_counter() - start < 15
 

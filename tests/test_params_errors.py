@@ -97,8 +97,8 @@ def test_legitimate_values_still_pass() -> None:
     for prefix, cls in ALL_PARAMS:  # every default
         _make(prefix, cls)
     lime = get_method("lime").make_params(n_samples=np.int64(30), kernel_width=1, alpha=0,
-                                          fill=0, batch_size=None)
-    assert (lime.n_samples, lime.kernel_width, lime.fill) == (30, 1, 0)
+                                          baseline=0, batch_size=None)
+    assert (lime.n_samples, lime.kernel_width, lime.baseline) == (30, 1, 0)
     get_method("gradient_shap").make_params(baseline=["mean", 0.5], sigma=0)
     get_method("raw_attention").make_params(head=None, layer=-1)
     assert MaskParams(component_percentile=80, clip_negative=np.bool_(False)).otsu_nbins == 256

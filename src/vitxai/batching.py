@@ -125,7 +125,7 @@ class AdaptiveBatch:
                     raise torch.OutOfMemoryError(
                         f"out of memory with {hi - lo} {self.what} per chunk (the smallest "
                         f"allowed is {self.min_batch}): {type(error).__name__}: {first}; "
-                        f"use a smaller model, fewer images per batch or --precision bf16"
+                        f"use a smaller model, fewer images per batch or precision='bf16'"
                     ) from error
                 retry_at = smaller
             else:

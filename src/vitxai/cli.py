@@ -27,16 +27,29 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_IMAGENET_MODEL = "vit_base_patch16_224.orig_in21k_ft_in1k"  # the original comparison's
-#: compare options that say how to rebuild the model and data (recorded for `vitxai evaluate`)
-SOURCE_KEYS = ("data", "split", "n_images", "data_seed", "data_root", "variant", "model",
-               "checkpoint", "random_weights", "precision", "device")
-SYNTHETIC_DEFAULT_SIZE = 12
+from vitxai.source import DEFAULT_IMAGENET_MODEL, SYNTHETIC_DEFAULT_SIZE, RunSource
+
 #: integer options and their least value (argparse accepts any int)
 COUNT_OPTIONS = {"n_images": 1, "sample_size": 1, "batch_size": 1, "steps": 1,
                  "sanity_images": 0}
 #: errnos that only a write can cause
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
+#: the library names its parameters ("device='cuda'", "save_attr_maps=True"); errors on the
+#: command line name the options instead: parameters that take a value → option ...
+VALUE_OPTIONS = {"device": "--device", "checkpoint": "--checkpoint",
+                 "idx_sample_img": "--idx_sample_img", "precision": "--precision"}
+_VALUE_PARAMETER = re.compile(r"(?<![\w.])(" + "|".join(VALUE_OPTIONS)
+                              + r")=(?:'([^']*)'|([^\s:;,)']+))")
+#: ... switches, and other library wording → command-line wording
+OPTION_WORDING: tuple[tuple[str, str], ...] = (
+    (r"\bsave_attr_maps=True\b", "--save_attr_maps"),
+    (r"\ballow_missing=True\b", "--allow-missing"),
+    (r"\bpretrained=False\b", "--random-weights"),
+    (r"vitxai\.data\.download_imagenette\(root='([^']*)', variant='([^']*)'\)",
+     r"vitxai data imagenette --variant \2 --root \1"),
+    (r"(needs a ViT \(timm VisionTransformer\); model '[^']*' is not one: choose a "
+     r"model-agnostic method)", r"\1 (drop it with --methods)"),
+)
 
 
 def _parse_assignments(items: Sequence[str], what: str) -> dict[str, Any]:
@@ -99,48 +112,18 @@ def _segmentation_overrides(args: argparse.Namespace, methods: Sequence[str],
             overrides.setdefault(spec.name, {})["segmentation"] = seg
 
 
-def _load_model_and_data(args: argparse.Namespace):
-    """The (adapter, dataset, notes) that ``--model``/``--data`` describe."""
-    import torch
+def _cli_wording(message: str) -> str:
+    """A library error message in command-line terms (see :data:`OPTION_WORDING`)."""
+    message = _VALUE_PARAMETER.sub(
+        lambda m: f"{VALUE_OPTIONS[m[1]]} {m[2] if m[2] is not None else m[3]}", message)
+    for pattern, replacement in OPTION_WORDING:
+        message = re.sub(pattern, replacement, message)
+    return message
 
-    from vitxai.data import FolderDataset, Imagenette, eval_transform
-    from vitxai.models import load_model
 
-    notes: list[str] = []
-    data = args.data
-    model_name = args.model or ("bundled" if data == "synthetic" else DEFAULT_IMAGENET_MODEL)
-    if model_name == "bundled":
-        from vitxai.models.bundled import load_bundled_model
-
-        if args.checkpoint:
-            raise ValueError("--checkpoint needs --model NAME (the bundled model has its own)")
-        adapter = load_bundled_model(device=args.device)
-        notes.append("embedded default: vitxai's bundled ViT trained on the synthetic "
-                     "ground-truth benchmark (not an ImageNet model)")
-    else:
-        adapter = load_model(model_name, pretrained=not args.random_weights,
-                             checkpoint=args.checkpoint, device=args.device)
-        if args.random_weights and not args.checkpoint:
-            notes.append(f"{model_name} has RANDOM weights (--random-weights)")
-    if args.precision == "float64":
-        adapter.to(dtype=torch.float64)
-    elif args.precision == "bf16":
-        adapter.set_precision("bf16")
-        notes.append("forward passes in bfloat16 autocast (--precision bf16); maps, masks and "
-                     "solves in float32")
-    if data == "synthetic":
-        from vitxai.data.synthetic import SyntheticBenchmark
-
-        dataset = SyntheticBenchmark(split=args.split or "single",
-                                     size=(SYNTHETIC_DEFAULT_SIZE if args.n_images is None
-                                           else args.n_images),
-                                     seed=args.data_seed)
-    elif data == "imagenette":
-        dataset = Imagenette(root=args.data_root, variant=args.variant, split=args.split or "val",
-                             transform=eval_transform(adapter.data_config))
-    else:
-        dataset = FolderDataset(data, transform=eval_transform(adapter.data_config))
-    return adapter, dataset, notes
+def _source(args: argparse.Namespace) -> RunSource:
+    """The model and data that ``--model``/``--data`` (and their options) describe."""
+    return RunSource.from_values(vars(args))
 
 
 def _default_out(args: argparse.Namespace, model: str) -> Path:
@@ -165,8 +148,10 @@ def _print_summary(agg: dict[str, Any], out: Path, seconds: float) -> None:
         print(f"{a:<{width}}{cells}")
     pm = sub["per_method"]
     if any("truth_iou" in pm[n] for n in names):
-        cols = [c for c in ("truth_iou", "truth_dice", "truth_coverage", "truth_pointing",
-                            "truth_mass_inside", "other_mass_inside") if c in pm[names[0]]]
+        from vitxai.metrics.scores import METHOD_COLUMNS
+
+        cols = [c for c in METHOD_COLUMNS
+                if c.startswith(("truth_", "other_")) and c in pm[names[0]]]
         print("\nagreement with the ground-truth object (means over images)")
         print(" " * width + "".join(f"{c.replace('truth_', ''):>14}" for c in cols))
         for n in names:
@@ -192,7 +177,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     mask = build(MaskParams, _parse_assignments(args.mask, "--mask"), "--mask")
     if args.evaluate:
         args.save_attr_maps = True
-    adapter, dataset, notes = _load_model_and_data(args)
+    source = _source(args)
+    adapter, dataset, notes = source.load()
     settings = CompareSettings(
         methods=methods, method_params=overrides, mask=mask, target=args.target,
         batch_size=args.batch_size, seed=args.seed, sample_size=args.sample_size,
@@ -202,9 +188,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"note: {note}")
     start = time.perf_counter()
-    source = {k: getattr(args, k) for k in SOURCE_KEYS}
     agg = compare(adapter, dataset, out, settings, progress=not args.no_progress,
-                  overwrite=args.overwrite, notes=notes, source=source)
+                  overwrite=args.overwrite, notes=notes, source=source.record())
     _print_summary(agg, out, time.perf_counter() - start)
     if args.evaluate:
         _run_evaluate(out, adapter, dataset, args)
@@ -237,10 +222,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_counts(args)
     out = Path(args.run_dir)
     config, _ = finished_run(out)  # refuse before loading the model
-    source = config.get("source") or {}
-    if not source:
-        raise ValueError(f"{out} does not record its model and data; rerun `vitxai compare`")
-    adapter, dataset, _ = _load_model_and_data(argparse.Namespace(**source))
+    adapter, dataset, _ = RunSource.from_config(config, out).load()
     _run_evaluate(out, adapter, dataset, args)
     return 0
 
@@ -260,18 +242,12 @@ def _class_names(adapter) -> dict[int, str]:
 def cmd_explain(args: argparse.Namespace) -> int:
     from vitxai.data import FolderDataset, eval_transform
     from vitxai.explain import explain
-    from vitxai.models import load_model
 
     overrides = _method_overrides(args)
     if args.discard_ratio is not None:
         overrides.setdefault("grad_rollout", {})["discard_ratio"] = args.discard_ratio
-    if args.model == "bundled":
-        from vitxai.models.bundled import load_bundled_model
-
-        adapter = load_bundled_model(device=args.device)
-    else:
-        adapter = load_model(args.model, pretrained=not args.random_weights,
-                             checkpoint=args.checkpoint, device=args.device)
+    adapter, _ = RunSource(model=args.model, checkpoint=args.checkpoint,
+                           random_weights=args.random_weights, device=args.device).load_model()
     dataset = FolderDataset(args.image, transform=eval_transform(adapter.data_config))
     paths = explain(adapter, dataset, args.methods, args.out,
                     category_index=args.category_index, method_params=overrides,
@@ -512,6 +488,7 @@ def _run(args: argparse.Namespace) -> int:
             message = _io_error_line(e)
         else:
             message = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+            message = _cli_wording(message)
         print(f"vitxai: error: {message}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as e:  # full disk, read-only or misnamed paths, ...

@@ -25,22 +25,24 @@ import torch
 from tqdm.auto import tqdm
 
 from vitxai import __version__
-from vitxai.data.datasets import Batch, ImageDataset, iter_batches, select_indices
-from vitxai.masks import MaskParams, unified_masks
-from vitxai.methods import BatchContext, attribute, get_method
+from vitxai.data.datasets import Batch, ImageDataset, select_indices
+from vitxai.masks import MaskParams
 from vitxai.methods.base import stable_seed
 from vitxai.metrics.agreement import mask_vs_truth, overlap_matrices
 from vitxai.metrics.localization import mass_inside, pointing_game
+from vitxai.metrics.scores import MASK_PAIR_SCORES, TRUTH_SCORES
 from vitxai.models.adapter import ModelAdapter
 from vitxai.report.figures import agreement_heatmap, sample_figure
+from vitxai.runner import BatchRun, resolve_methods, run_batches
 from vitxai.store import MANIFEST, METHOD_ROWS, PAIR_ROWS, RunStore, read_rows, run_identity
 
 SEED_METHODS: tuple[str, ...] = (
     "lime", "kernel_shap", "integrated_gradients", "gradient_shap", "attention_rollout",
     "chefer2021a",
 )
-PAIR_METRICS = ("iou", "dice", "coverage")
-TRUTH_METRICS = ("iou", "dice", "coverage", "recall", "pointing", "mass_inside")
+#: the columns of per_image_pairs.csv and of the truth scores (see vitxai.metrics.scores)
+PAIR_METRICS = tuple(MASK_PAIR_SCORES)
+TRUTH_METRICS = tuple(TRUTH_SCORES)
 
 
 @dataclass
@@ -76,23 +78,6 @@ class CompareSettings:
     measure_memory: bool = True
 
 
-def _resolve_methods(adapter: ModelAdapter, settings: CompareSettings) -> dict[str, Any]:
-    """Canonical names → validated parameter dataclasses; fails before any work is done."""
-    if not settings.methods:
-        raise ValueError("no methods selected")
-    resolved: dict[str, Any] = {}
-    overrides = {get_method(k).name: v for k, v in settings.method_params.items()}
-    for name in settings.methods:
-        spec = get_method(name)
-        if spec.vit_only and not adapter.is_vit:
-            raise ValueError(
-                f"method {spec.name!r} needs a ViT; model {adapter.name!r} is not one "
-                "(drop it with --methods)"
-            )
-        resolved[spec.name] = spec.make_params(**overrides.get(spec.name, {}))
-    return resolved
-
-
 def _versions() -> dict[str, str]:
     import matplotlib
     import scipy
@@ -114,8 +99,9 @@ def run_config(adapter: ModelAdapter, dataset: ImageDataset, settings: CompareSe
                ) -> dict[str, Any]:
     """The JSON record of a run; its fingerprint covers everything that changes results.
 
-    ``source`` records how to rebuild the model and dataset (the CLI's options), which
-    ``vitxai evaluate`` uses to reload the images of a run.
+    ``source`` records how to rebuild the model and dataset
+    (:meth:`vitxai.source.RunSource.record`), which evaluation uses to reload the images of
+    a run.
     """
     model = {"name": adapter.name, "is_vit": adapter.is_vit,
              "data_config": getattr(adapter, "data_config", {}),
@@ -148,6 +134,7 @@ def run_config(adapter: ModelAdapter, dataset: ImageDataset, settings: CompareSe
 
 def _truth_scores(prefix: str, maps: torch.Tensor, masks: np.ndarray, truth: torch.Tensor | None,
                   i: int) -> dict[str, float]:
+    """The :data:`TRUTH_METRICS` of image ``i``, as columns ``PREFIX_NAME``."""
     if truth is None:
         return {}
     t = truth[i].numpy()
@@ -159,10 +146,9 @@ def _truth_scores(prefix: str, maps: torch.Tensor, masks: np.ndarray, truth: tor
     }
 
 
-def _batch_rows(batch: Batch, names: Sequence[str], results: Mapping[str, Any],
-                masks: Mapping[str, np.ndarray], predictions: torch.Tensor,
-                probs: torch.Tensor, targets: torch.Tensor
-                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _batch_rows(run: BatchRun) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    batch, names, results, masks = run.batch, run.names, run.results, run.masks
+    predictions, probs, targets = run.predictions, run.probs, run.targets
     method_rows, pair_rows = [], []
     b = len(batch)
     for i in range(b):
@@ -266,21 +252,20 @@ def aggregate(root: str | Path, names: Sequence[str]) -> dict[str, Any]:
 def write_figures(store: RunStore, aggregates: Mapping[str, Any], names: Sequence[str]) -> None:
     """The three agreement heatmaps (PNG and SVG) over all images."""
     sub = aggregates["subsets"]["all"]
-    titles = {"iou": "IoU of binary masks", "dice": "Dice score of binary masks",
-              "coverage": "Coverage ratio |A∩B| / |A| (row = A)"}
-    for metric, title in titles.items():
+    for metric, score in MASK_PAIR_SCORES.items():
         m = sub["pairwise"][metric]
         mean = np.array(m["mean"], dtype=float)
-        agreement_heatmap(mean, names, f"{title} (n={sub['n_images']} images)",
+        agreement_heatmap(mean, names,
+                          f"Binary masks: {score.label} (n={sub['n_images']} images)",
                           store.figures / f"{metric}_heatmap", counts=np.array(m["n"]),
                           row_label="A" if metric == "coverage" else "",
                           col_label="B" if metric == "coverage" else "")
 
 
-def _sample_plot(store: RunStore, batch: Batch, i: int, names: Sequence[str],
-                 results: Mapping[str, Any], masks: Mapping[str, np.ndarray],
-                 targets: torch.Tensor, predictions: torch.Tensor,
-                 class_names: Mapping[int, str]) -> None:
+def _sample_plot(store: RunStore, run: BatchRun, i: int, class_names: Mapping[int, str]
+                 ) -> None:
+    batch, names, results, masks = run.batch, run.names, run.results, run.masks
+    targets, predictions = run.targets, run.predictions
     index = batch.indices[i]
 
     def cname(c: int) -> str:
@@ -309,7 +294,7 @@ def compare(adapter: ModelAdapter, dataset: ImageDataset, out: str | Path,
         The aggregates also written to ``out/aggregates.json``.
     """
     s = settings or CompareSettings()
-    params = _resolve_methods(adapter, s)
+    params = resolve_methods(adapter, s.methods, s.method_params)
     names = list(params)
     if len(dataset) == 0:
         raise ValueError(f"dataset {dataset.name!r} is empty")
@@ -317,7 +302,7 @@ def compare(adapter: ModelAdapter, dataset: ImageDataset, out: str | Path,
     sample_index: int | None = indices[0] if s.idx_sample_img is None else s.idx_sample_img
     if not 0 <= sample_index < len(dataset):
         raise ValueError(
-            f"--idx_sample_img {sample_index} is outside the dataset [0, {len(dataset)})"
+            f"idx_sample_img={sample_index} is outside the dataset [0, {len(dataset)})"
         )
     if sample_index not in indices:
         indices = sorted([*indices, sample_index])
@@ -343,49 +328,32 @@ def _run_batches(adapter: ModelAdapter, dataset: ImageDataset, store: RunStore,
                  s: CompareSettings, params: Mapping[str, Any], indices: Sequence[int],
                  sample_index: int | None, progress: bool) -> None:
     """Compute and commit every batch the run directory does not hold yet."""
-    names = list(params)
     done = store.done_indices()
     todo = [i for i in indices if i not in done]
     bar = tqdm(total=len(indices), initial=len(indices) - len(todo), unit="img",
                desc="compare", disable=not progress, dynamic_ncols=True)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        for batch in iter_batches(dataset, todo, s.batch_size):
-            start = time.perf_counter()
+        for batch, run in run_batches(adapter, dataset, todo, params, batch_size=s.batch_size,
+                                      seed=s.seed, target=s.target, mask=s.mask,
+                                      measure_memory=s.measure_memory):
             if sample_index in {i for i, _, _ in batch.skipped}:
                 warnings.warn(f"sample image {sample_index} is unreadable; the sample figure "
                               "shows the next readable image instead", stacklevel=3)
                 sample_index = None
             if sample_index is None and len(batch):
                 sample_index = batch.indices[0]
-            if len(batch) == 0:
+            if run is None:
                 store.finish_batch([], [], [], batch.skipped, 0.0)
                 bar.update(len(batch.skipped))
                 continue
-            x = batch.images.to(adapter.device, adapter.dtype)
-            logits = adapter.predict(x, batch_size=s.batch_size).float().cpu()
-            probs, predictions = logits.softmax(-1), logits.argmax(-1)
-            labels = batch.labels
-            use_label = labels >= 0
-            if s.target == "prediction":
-                use_label = torch.zeros_like(use_label)
-            targets = torch.where(use_label, labels, predictions)
-            ctx = BatchContext.for_batch(len(batch), s.seed, batch.indices, planned=names)
-            results, masks = {}, {}
-            for name in names:
-                r = attribute(name, adapter, x, targets, context=ctx,
-                              method_params=params[name], measure_memory=s.measure_memory)
-                results[name] = r
-                masks[name] = unified_masks(r.channels if r.channels is not None else r.maps,
-                                            s.mask)
-            method_rows, pair_rows = _batch_rows(batch, names, results, masks, predictions,
-                                                 probs, targets)
-            maps_file = (store.save_maps(batch.indices[0], _maps_record(batch, results, masks))
+            method_rows, pair_rows = _batch_rows(run)
+            maps_file = (store.save_maps(batch.indices[0],
+                                         _maps_record(batch, run.results, run.masks))
                          if s.save_attr_maps else None)
             if sample_index in batch.indices:
-                _sample_plot(store, batch, batch.indices.index(sample_index), names, results,
-                             masks, targets, predictions, dataset.class_names)
+                _sample_plot(store, run, batch.indices.index(sample_index), dataset.class_names)
             store.finish_batch(method_rows, pair_rows, batch.indices, batch.skipped,
-                               time.perf_counter() - start, maps_file)
+                               time.perf_counter() - run.started, maps_file)
             bar.update(len(batch) + len(batch.skipped))
     bar.close()

@@ -1,7 +1,7 @@
 """Score the maps a comparison saved: faithfulness, localization, agreement, complexity, sanity.
 
 :func:`evaluate` reads ``maps/*.safetensors`` of a run directory (written with
-``--save_attr_maps``), reloads the same images, and computes per image and per method:
+``save_attr_maps``), reloads the same images, and computes per image and per method:
 
 - faithfulness: deletion AUC (lower is better) and insertion AUC (higher is better) with the
   most relevant units first (Petsiuk et al. 2018), and single deletion on a 4×4 grid (Spearman
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vitxai.data.datasets import ImageDataset
+from vitxai.metrics.scores import EVALUATION_PAIR_SCORES, EVALUATION_SCORES
 from vitxai.models.adapter import ModelAdapter
 from vitxai.store import (
     EVALUATION,
@@ -46,20 +47,9 @@ from vitxai.store import (
     write_json,
 )
 
-#: score → (label, higher is better; None = descriptive)
-SCORES: dict[str, tuple[str, bool | None]] = {
-    "deletion_auc": ("deletion AUC", False),
-    "insertion_auc": ("insertion AUC", True),
-    "single_deletion": ("single deletion ρ", True),
-    "pointing_game": ("pointing game", True),
-    "relevance_mass": ("relevance mass", True),
-    "rank_accuracy": ("relevance rank accuracy", True),
-    "class_discrimination": ("class discrimination", True),
-    "gini": ("Gini sparseness", None),
-    "entropy": ("entropy", None),
-}
-PAIR_SCORES = ("feature_agreement", "rank_agreement", "sign_agreement",
-               "signed_rank_agreement", "rank_correlation", "pairwise_rank_agreement")
+#: per (image, method) scores and per-pair agreement scores (see vitxai.metrics.scores)
+SCORES = EVALUATION_SCORES
+PAIR_SCORES = tuple(EVALUATION_PAIR_SCORES)
 ALL_GROUPS = ("faithfulness", "localization", "complexity", "agreement", "sanity", "gae")
 
 
@@ -152,7 +142,8 @@ def _summary_tables(rows: list[dict[str, Any]], names: Sequence[str]) -> dict[st
 
     tables: dict[str, Any] = {}
     header = ["rank", "method", "mean", "95 % CI", "n", "tied with"]
-    for score, (label, better) in SCORES.items():
+    for score, spec in SCORES.items():
+        label, better = spec.label, spec.higher_is_better
         values = {n: np.array([r[score] for r in rows if r["method"] == n and score in r],
                               dtype=float) for n in names}
         if not any(v.size for v in values.values()):
@@ -269,7 +260,7 @@ def _evaluate(root: Path, adapter: ModelAdapter, dataset: ImageDataset, s: Evalu
     if missing:
         tables["Images skipped: missing map files"] = {
             "text": f"{sum(len(m['indices'] or ()) for m in missing)} images were not evaluated "
-                    "because their maps could not be read (--allow-missing).",
+                    "because their maps could not be read (allow_missing).",
             "header": ["file", "reason", "images"],
             "rows": [[str(m["file"]), m["reason"], " ".join(map(str, m["indices"] or ["?"]))]
                      for m in missing]}
@@ -292,29 +283,13 @@ def _uniform(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _curve_figure(root: Path, curves: dict[str, list]) -> Path | None:
+    """The mean deletion and insertion curves (``figures/faithfulness_curves.png``)."""
     if not any(curves.values()):
         return None
-    import matplotlib.pyplot as plt
+    from vitxai.report.figures import curves_figure
 
-    from vitxai.report.figures import save_figure
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, parts in curves.items():
-        if not parts:
-            continue
-        c = np.concatenate(parts)  # (N, 2, steps+1)
-        x = np.linspace(0, 1, c.shape[-1])
-        for j, ax in enumerate(axes):
-            ax.plot(x, np.nanmean(c[:, j], axis=0), label=name)
-    for ax, title in zip(axes, ("deletion (most relevant first)", "insertion"), strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("share of units perturbed")
-        ax.set_ylabel("target probability")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path = root / "figures" / "faithfulness_curves.png"
-    path.parent.mkdir(exist_ok=True)
-    return save_figure(fig, path, dpi=120)
+    return curves_figure({name: np.concatenate(parts) for name, parts in curves.items() if parts},
+                         root / "figures" / "faithfulness_curves.png")
 
 
 def _recomputing_groups(adapter: ModelAdapter, dataset: ImageDataset, indices: list[int],
@@ -327,7 +302,8 @@ def _recomputing_groups(adapter: ModelAdapter, dataset: ImageDataset, indices: l
     (seed ``s.seed``) with classes (the targets) different within a group where the data
     allows, as its contrastiveness is 1 for any map when a mosaic shows one class only.
     """
-    from vitxai.methods import attribute, get_method
+    from vitxai.methods import attribute
+    from vitxai.runner import resolve_methods
 
     out: dict[str, Any] = {"tables": {}, "per_image": {}}
     n = min(s.sanity_images, len(indices))
@@ -338,7 +314,7 @@ def _recomputing_groups(adapter: ModelAdapter, dataset: ImageDataset, indices: l
         return torch.stack([dataset.load(i).image for i in chosen]).to(adapter.device,
                                                                        adapter.dtype)
 
-    params = {name: get_method(name).make_params(**_params(config, name)) for name in names}
+    params = resolve_methods(adapter, names, {name: _params(config, name) for name in names})
     if "sanity" in s.groups:
         from vitxai.metrics.sanity import model_randomisation
 

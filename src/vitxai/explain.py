@@ -1,9 +1,10 @@
 """Explain single images: every chosen method's map as an overlay figure, plus the maps.
 
 For each image ``NAME`` this writes ``NAME.png`` (the image and one overlay per method) and
-``NAME.safetensors`` (signed maps at input resolution, the native maps and the target).
-Overlays follow vit-explain's display: the map divided by its maximum (negatives clipped),
-bilinearly at input size, JET over the image.
+``NAME.safetensors`` (signed maps at input resolution, the native maps and the target), each
+atomically. Overlays follow vit-explain's display: the map divided by its maximum (negatives
+clipped), bilinearly at input size, JET over the image
+(:func:`vitxai.report.figures.overlay`).
 """
 
 from __future__ import annotations
@@ -12,43 +13,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from vitxai.data.datasets import ImageDataset, iter_batches
-from vitxai.methods import BatchContext, attribute, get_method
+from vitxai import store
+from vitxai.data.datasets import ImageDataset
 from vitxai.models.adapter import ModelAdapter
+from vitxai.report.figures import overlay, overlay_figure
+from vitxai.runner import resolve_methods, run_batches
 
-
-def overlay(image: np.ndarray, attribution: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """JET overlay of max(map, 0)/max on an (H, W, 3) image in [0, 1]; returns (H, W, 3)."""
-    import matplotlib
-
-    pos = np.clip(attribution, 0, None)
-    peak = pos.max()
-    heat = matplotlib.colormaps["jet"](pos / peak if peak > 0 else pos)[..., :3]
-    return np.clip((1 - alpha) * image + alpha * heat, 0, 1)
-
-
-def _figure(image: np.ndarray, maps: Mapping[str, np.ndarray], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = len(maps) + 1
-    fig, axes = plt.subplots(1, cols, figsize=(2.6 * cols, 3.0), squeeze=False)
-    axes[0, 0].imshow(image)
-    axes[0, 0].set_title("image", fontsize=9)
-    for ax, (name, m) in zip(axes[0, 1:], maps.items(), strict=True):
-        ax.imshow(overlay(image, m))
-        ax.set_title(name, fontsize=9)
-    for ax in axes.ravel():
-        ax.set_axis_off()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+__all__ = ["explain", "overlay"]
 
 
 def explain(adapter: ModelAdapter, dataset: ImageDataset, methods: Sequence[str],
@@ -68,39 +41,29 @@ def explain(adapter: ModelAdapter, dataset: ImageDataset, methods: Sequence[str]
     """
     from safetensors.torch import save_file
 
+    params = resolve_methods(adapter, methods, method_params)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    specs = [get_method(m) for m in methods]
-    for spec in specs:
-        if spec.vit_only and not adapter.is_vit:
-            raise ValueError(f"method {spec.name!r} needs a ViT; {adapter.name!r} is not one")
-    overrides = {get_method(k).name: v for k, v in (method_params or {}).items()}
-    params = {s.name: s.make_params(**overrides.get(s.name, {})) for s in specs}
     names = class_names or {}
+    target = "prediction" if category_index is None else int(category_index)
     written: list[Path] = []
-    for batch in iter_batches(dataset, range(len(dataset)), batch_size):
-        if len(batch) == 0:
+    for batch, run in run_batches(adapter, dataset, range(len(dataset)), params,
+                                  batch_size=batch_size, seed=seed, target=target):
+        if run is None:
             continue
-        x = batch.images.to(adapter.device, adapter.dtype)
-        predictions = adapter.predict(x).argmax(-1).cpu()
-        targets = predictions if category_index is None else torch.full_like(
-            predictions, category_index)
-        ctx = BatchContext.for_batch(len(batch), seed, batch.indices, planned=list(params))
-        results = {n: attribute(n, adapter, x, targets, context=ctx, method_params=p)
-                   for n, p in params.items()}
         for i, path in enumerate(batch.paths):
             stem = Path(path).stem or f"image_{batch.indices[i]}"
-            target = int(targets[i])
+            target_i, predicted = int(run.targets[i]), int(run.predictions[i])
             image = batch.images[i].permute(1, 2, 0).clamp(0, 1).numpy()
-            maps = {n: r.maps[i].float().numpy() for n, r in results.items()}
-            title = (f"{Path(path).name}: explaining {names.get(target, target)} "
-                     f"(predicted {names.get(int(predictions[i]), int(predictions[i]))})")
-            figure = out / f"{stem}.png"
-            _figure(image, maps, title, figure)
-            tensors = {"target": torch.tensor([target])}
-            for n, r in results.items():
+            maps = {n: r.maps[i].float().numpy() for n, r in run.results.items()}
+            title = (f"{Path(path).name}: explaining {names.get(target_i, target_i)} "
+                     f"(predicted {names.get(predicted, predicted)})")
+            figure = overlay_figure(image, maps, title, out / f"{stem}.png")
+            tensors = {"target": torch.tensor([target_i])}
+            for n, r in run.results.items():
                 tensors[f"{n}.map"] = r.maps[i].float().contiguous().clone()
                 tensors[f"{n}.native"] = r.native[i].float().contiguous().clone()
-            save_file(tensors, str(out / f"{stem}.safetensors"))
+            store.atomic_write(out / f"{stem}.safetensors",
+                               lambda tmp, tensors=tensors: save_file(tensors, str(tmp)))
             written.append(figure)
     return written

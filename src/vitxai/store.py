@@ -10,7 +10,7 @@ Layout of a run directory::
     per_image_pairs.csv      one row per (image, method A, method B): IoU, Dice, coverage A→B
     aggregates.json          means over images (and how many images each mean covers)
     figures/                 heatmaps (PNG + SVG) and the sample image's maps and masks
-    maps/batch_NNNNNN.safetensors   with --save_attr_maps: signed maps, native maps, masks
+    maps/batch_NNNNNN.safetensors   with save_attr_maps: signed maps, native maps, masks
     evaluation.json, per_image_evaluation.csv, report.html, report.md   derived results
     .lock                    who writes the directory now (pid, host)
 
@@ -26,7 +26,7 @@ Guarantees (each one tested in ``tests/test_journal.py``):
   files the manifest does not name, so a kill or a full disk at any point loses at most the
   batch in flight and never leaves a half row or a duplicate row.
 - **No stale derived results.** Aggregates and evaluation results record the fingerprint and
-  image count of the run they were computed from; ``--overwrite`` removes them all.
+  image count of the run they were computed from; ``overwrite`` removes them all.
 
 The store never computes anything; it writes what it is given. Formats: JSON, CSV,
 safetensors.
@@ -478,7 +478,7 @@ def read_maps(root: str | Path, *, allow_missing: bool = False
         committed = {f.name: None for f in sorted((root / "maps").glob("batch_*.safetensors"))}
     if not committed:
         raise RunDirectoryError(
-            f"{root} has no saved maps; rerun the comparison with --save_attr_maps")
+            f"{root} has no saved maps; rerun the comparison with save_attr_maps=True")
     parts, missing = [], []
     for name in sorted(committed):
         path = root / "maps" / name
@@ -495,7 +495,7 @@ def read_maps(root: str | Path, *, allow_missing: bool = False
             if not allow_missing:
                 raise RunDirectoryError(
                     f"map file {path} is unreadable ({reason}); recompute the run with "
-                    "overwrite, or skip its images with --allow-missing") from None
+                    "overwrite, or skip its images with allow_missing=True") from None
             missing.append({"file": str(path.relative_to(root)), "reason": reason,
                             "indices": committed[name]})
     if not parts:
@@ -506,7 +506,7 @@ def read_maps(root: str | Path, *, allow_missing: bool = False
     if absent and not allow_missing:
         raise RunDirectoryError(f"{root}/maps lacks the maps of {len(absent)} finished images "
                                 f"(first: {absent[:5]}); recompute the run with overwrite, or "
-                                "skip them with --allow-missing")
+                                "skip them with allow_missing=True")
     if absent:
         missing.append({"file": None, "reason": "no map file", "indices": absent})
     return maps, missing

@@ -243,8 +243,8 @@ class Imagenette(_ImageFiles):
         folder = self.root / IMAGENETTE_VARIANTS[variant] / split
         if not folder.is_dir():
             raise FileNotFoundError(
-                f"Imagenette ({variant}) not found at {folder}; download it with: "
-                f"vitxai data imagenette --variant {variant} --root {self.root}"
+                f"Imagenette ({variant}) not found at {folder}; download it with "
+                f"vitxai.data.download_imagenette(root={str(self.root)!r}, variant={variant!r})"
             )
         wnids = sorted(d.name for d in folder.iterdir()
                        if d.is_dir() and not d.name.startswith("."))

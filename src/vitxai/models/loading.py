@@ -62,7 +62,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(
-            f"--device {device}: not a device name; use cpu, cuda or cuda:N"
+            f"device={str(device)!r}: not a device name; use cpu, cuda or cuda:N"
         ) from None
     if dev.type == "mps":
         available, count = torch.backends.mps.is_available(), 1
@@ -75,11 +75,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     kind = "CUDA" if dev.type == "cuda" else dev.type
     if not available:
         raise ValueError(
-            f"--device {device}: {kind} is not available on this machine; use --device cpu"
+            f"device={str(device)!r}: {kind} is not available on this machine; use "
+            "device='cpu'"
         )
     if dev.index is not None and dev.index >= count:
-        raise ValueError(f"--device {device}: this machine has {count} {kind} device(s); "
-                         f"use --device {dev.type}:0 to {dev.type}:{count - 1}")
+        raise ValueError(f"device={str(device)!r}: this machine has {count} {kind} device(s); "
+                         f"use one of {dev.type}:0 to {dev.type}:{count - 1}")
     return dev
 
 
@@ -203,8 +204,8 @@ def load_model(
             why = "the model hub cannot be reached" if not online else f"{type(e).__name__}"
             raise ModelLoadError(
                 f"cannot get pretrained weights for {name!r}: {why} and no cached copy was "
-                f"found; pass a local weights file with --checkpoint PATH (or "
-                f"checkpoint=PATH), or use --random-weights"
+                "found; pass a local weights file as checkpoint=PATH, or load random weights "
+                "with pretrained=False"
             ) from e
     else:
         with torch.random.fork_rng(devices=[]):

@@ -1,4 +1,6 @@
-"""Figures of a run: agreement heatmaps and the sample image's maps and masks (matplotlib)."""
+"""Every figure vitxai draws (matplotlib), each saved atomically through :func:`save_figure`:
+agreement heatmaps, the sample image's maps and masks, deletion/insertion curves, and the
+overlays of ``explain``."""
 
 from __future__ import annotations
 
@@ -93,3 +95,55 @@ def sample_figure(image: np.ndarray, maps: Mapping[str, np.ndarray],
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
+
+
+def overlay(image: np.ndarray, attribution: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """JET overlay of max(map, 0)/max on an (H, W, 3) image in [0, 1]; returns (H, W, 3)."""
+    pos = np.clip(attribution, 0, None)
+    peak = pos.max()
+    heat = matplotlib.colormaps["jet"](pos / peak if peak > 0 else pos)[..., :3]
+    return np.clip((1 - alpha) * image + alpha * heat, 0, 1)
+
+
+def overlay_figure(image: np.ndarray, maps: Mapping[str, np.ndarray], title: str,
+                   path: Path) -> Path:
+    """The image and one :func:`overlay` per method side by side (vit-explain's display).
+
+    Args:
+        image: (H, W, 3) in [0, 1], the unnormalised model input.
+        maps: method → (H, W) signed map.
+    """
+    cols = len(maps) + 1
+    fig, axes = plt.subplots(1, cols, figsize=(2.6 * cols, 3.0), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("image", fontsize=9)
+    for ax, (name, m) in zip(axes[0, 1:], maps.items(), strict=True):
+        ax.imshow(overlay(image, m))
+        ax.set_title(name, fontsize=9)
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=120)
+
+
+def curves_figure(curves: Mapping[str, np.ndarray], path: Path) -> Path:
+    """Mean deletion (left) and insertion (right) curves per method.
+
+    Args:
+        curves: method → (N, 2, K) target probabilities of N images, deletion then
+            insertion, at K evenly spaced shares of perturbed units from 0 to 1.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, c in curves.items():
+        x = np.linspace(0, 1, c.shape[-1])
+        for j, ax in enumerate(axes):
+            ax.plot(x, np.nanmean(c[:, j], axis=0), label=name)
+    for ax, title in zip(axes, ("deletion (most relevant first)", "insertion"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("share of units perturbed")
+        ax.set_ylabel("target probability")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    return save_figure(fig, path, dpi=120)

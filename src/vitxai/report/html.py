@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from vitxai.metrics.scores import COST_COLUMNS, MASK_PAIR_SCORES, METHOD_COLUMNS
 from vitxai.store import (
     AGGREGATES,
     METHOD_ROWS,
@@ -30,22 +31,6 @@ from vitxai.store import (
     read_rows,
     run_identity,
 )
-
-#: per-image columns summarised per method, with the direction that is better
-METHOD_COLUMNS: dict[str, tuple[str, bool | None]] = {
-    "truth_iou": ("IoU with truth", True),
-    "truth_dice": ("Dice with truth", True),
-    "truth_coverage": ("mask on object", True),
-    "truth_recall": ("object found", True),
-    "truth_pointing": ("pointing game", True),
-    "truth_mass_inside": ("mass inside truth", True),
-    "other_mass_inside": ("mass on other object", False),
-    "mask_fraction": ("mask area", None),
-    "seconds_per_image": ("seconds / image", False),
-    "peak_memory_mb": ("peak memory (MB)", False),
-    "forward_passes": ("forward passes", None),
-    "backward_passes": ("backward passes", None),
-}
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -129,7 +114,7 @@ def _sections(root: Path) -> list[tuple[str, str, list, list, list[Path]]]:
     columns = [c for c in METHOD_COLUMNS if any(c in summary[n] for n in names)]
     truth_cols = [c for c in columns if c.startswith(("truth_", "other_"))]
     if truth_cols:
-        header = ["method"] + [METHOD_COLUMNS[c][0] for c in truth_cols]
+        header = ["method"] + [METHOD_COLUMNS[c].label for c in truth_cols]
         rows = [[n] + [f"{_fmt(summary[n][c][0])} [{_fmt(summary[n][c][1])}, "
                        f"{_fmt(summary[n][c][2])}]" for c in truth_cols] for n in names]
         sections.append(("Agreement with the ground truth",
@@ -140,10 +125,10 @@ def _sections(root: Path) -> list[tuple[str, str, list, list, list[Path]]]:
     else:
         sections.append(("Agreement with the ground truth",
                          f"Skipped: dataset {config['dataset'].get('name')!r} has no "
-                         "ground-truth masks (the bundled benchmark, --data synthetic, has).",
+                         "ground-truth masks (the bundled synthetic benchmark has).",
                          [], [], []))
-    for metric, label in (("iou", "IoU"), ("dice", "Dice"),
-                          ("coverage", "coverage |A∩B|/|A| (row = A)")):
+    for metric, score in MASK_PAIR_SCORES.items():
+        label = score.label
         m = sub["pairwise"][metric]
         rows = [[a] + [f"{_fmt(v, 2)} (n={n})" for v, n in zip(row, counts, strict=True)]
                 for a, row, counts in zip(names, m["mean"], m["n"], strict=True)]
@@ -157,12 +142,11 @@ def _sections(root: Path) -> list[tuple[str, str, list, list, list[Path]]]:
         for title, table in ev.get("tables", {}).items():
             sections.append((title, table.get("text", ""), table["header"], table["rows"],
                              [root / f for f in table.get("figures", [])]))
-    cost_cols = [c for c in ("seconds_per_image", "forward_passes", "backward_passes",
-                             "peak_memory_mb") if c in columns]
+    cost_cols = [c for c in COST_COLUMNS if c in columns]
     sections.append(("Cost", "Model passes per image, wall seconds per image and peak memory "
                      "(CUDA allocation on a GPU; on the CPU the process's peak resident memory "
                      "during the method's call, model included).",
-                     ["method"] + [METHOD_COLUMNS[c][0] for c in cost_cols],
+                     ["method"] + [METHOD_COLUMNS[c].label for c in cost_cols],
                      [[n] + [_fmt(summary[n][c][0], 2) for c in cost_cols] for n in names], []))
     sections.append(("Configuration and versions", "",
                      ["key", "value"],

@@ -1,0 +1,150 @@
+"""Where a run's model and images come from, recorded so that the run can be rebuilt.
+
+A :class:`RunSource` names the data (the bundled synthetic benchmark, Imagenette, or a folder
+of images) and the model (the bundled ViT, or a timm name with hub, local or random weights,
+its precision and device). ``compare`` records it in ``config["source"]``;
+:meth:`RunSource.from_config` and :meth:`RunSource.load` rebuild the same model and dataset
+for evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vitxai.data.datasets import ImageDataset
+    from vitxai.models.adapter import ModelAdapter
+
+#: the model of non-synthetic data when none is named (the original comparison's)
+DEFAULT_IMAGENET_MODEL = "vit_base_patch16_224.orig_in21k_ft_in1k"
+#: images of the generated synthetic set when ``n_images`` is None
+SYNTHETIC_DEFAULT_SIZE = 12
+PRECISIONS = ("float32", "bf16", "float64")
+
+
+@dataclass(frozen=True)
+class RunSource:
+    """How to build a run's model and dataset.
+
+    Attributes:
+        data: "synthetic" (the bundled ground-truth benchmark), "imagenette", or a folder of
+            images or one image file.
+        split: synthetic: "single" (default), "pair" or "parts"; imagenette: "val" (default)
+            or "train".
+        n_images: size of the generated synthetic set (None = :data:`SYNTHETIC_DEFAULT_SIZE`).
+        data_seed: seed of the generated synthetic images.
+        data_root: where Imagenette was unpacked.
+        variant: Imagenette variant ("full", "320", "160").
+        model: "bundled", a timm model name, or None: the bundled ViT for synthetic data,
+            else :data:`DEFAULT_IMAGENET_MODEL`.
+        checkpoint: local weights of a timm model (.safetensors or torch file).
+        random_weights: do not fetch pretrained weights.
+        precision: "float32", "bf16" (bfloat16 autocast forwards) or "float64".
+        device: "cpu", "cuda", "cuda:1", ...
+    """
+
+    data: str = "synthetic"
+    split: str | None = None
+    n_images: int | None = None
+    data_seed: int = 20240
+    data_root: str = "data"
+    variant: str = "full"
+    model: str | None = None
+    checkpoint: str | None = None
+    random_weights: bool = False
+    precision: str = "float32"
+    device: str = "cpu"
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The recorded fields, in order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> RunSource:
+        """A source from a mapping (or namespace ``vars``) holding at least its keys; other
+        entries are ignored."""
+        return cls(**{k: values[k] for k in cls.keys() if k in values})
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], where: object = "the run") -> RunSource:
+        """The source a run's ``config.json`` recorded; a ValueError when it records none."""
+        source = config.get("source") or {}
+        if not source:
+            raise ValueError(f"{where} does not record its model and data; run the "
+                             "comparison again to record them")
+        return cls.from_values(source)
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record (``config["source"]``; part of the run's fingerprint)."""
+        return dataclasses.asdict(self)
+
+    @property
+    def model_name(self) -> str:
+        """The model actually loaded: ``model``, or the default for the data."""
+        return self.model or ("bundled" if self.data == "synthetic" else DEFAULT_IMAGENET_MODEL)
+
+    def load(self) -> tuple[ModelAdapter, ImageDataset, list[str]]:
+        """(adapter, dataset, notes): the model, the dataset, and notes worth recording.
+
+        Raises:
+            ValueError: a checkpoint for the bundled model, an unknown precision, a bad
+                device, split or variant.
+            vitxai.models.ModelLoadError: the weights cannot be had.
+            FileNotFoundError: the data is not there.
+        """
+        adapter, notes = self.load_model()
+        return adapter, self.load_dataset(adapter), notes
+
+    def load_model(self) -> tuple[ModelAdapter, list[str]]:
+        """(adapter, notes) of the model."""
+        import torch
+
+        from vitxai.models import load_model
+
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of "
+                             f"{', '.join(map(repr, PRECISIONS))}")
+        notes: list[str] = []
+        name = self.model_name
+        if name == "bundled":
+            from vitxai.models.bundled import load_bundled_model
+
+            if self.checkpoint:
+                raise ValueError("checkpoint needs a timm model name (the bundled model has "
+                                 "its own weights)")
+            adapter = load_bundled_model(device=self.device)
+            notes.append("embedded default: vitxai's bundled ViT trained on the synthetic "
+                         "ground-truth benchmark (not an ImageNet model)")
+        else:
+            adapter = load_model(name, pretrained=not self.random_weights,
+                                 checkpoint=self.checkpoint, device=self.device)
+            if self.random_weights and not self.checkpoint:
+                notes.append(f"{name} has RANDOM weights (random_weights)")
+        if self.precision == "float64":
+            adapter.to(dtype=torch.float64)
+        elif self.precision == "bf16":
+            adapter.set_precision("bf16")
+            notes.append("forward passes in bfloat16 autocast (precision bf16); maps, masks "
+                         "and solves in float32")
+        return adapter, notes
+
+    def load_dataset(self, adapter: ModelAdapter) -> ImageDataset:
+        """The dataset, preprocessed by ``adapter``'s own data config where it applies."""
+        from vitxai.data import FolderDataset, Imagenette, eval_transform
+
+        if self.data == "synthetic":
+            from vitxai.data.synthetic import SyntheticBenchmark
+
+            return SyntheticBenchmark(split=self.split or "single",
+                                      size=(SYNTHETIC_DEFAULT_SIZE if self.n_images is None
+                                            else self.n_images),
+                                      seed=self.data_seed)
+        if self.data == "imagenette":
+            return Imagenette(root=self.data_root, variant=self.variant,
+                              split=self.split or "val",
+                              transform=eval_transform(adapter.data_config))
+        return FolderDataset(self.data, transform=eval_transform(adapter.data_config))
