@@ -24,6 +24,7 @@ from vitxai.store import (
     AGGREGATES,
     METHOD_ROWS,
     RunLock,
+    atomic_write,
     check_derived,
     finished_run,
     read_evaluation,
@@ -203,6 +204,7 @@ def _write_report(root: Path) -> tuple[Path, Path]:
                 parts.append(_image(f))
                 md.append(f"\n![{_md(f.stem)}]({quote(f.relative_to(root).as_posix())})")
     html_path, md_path = root / "report.html", root / "report.md"
-    html_path.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    for path, lines in ((html_path, parts), (md_path, md)):
+        text = "\n".join(lines) + "\n"
+        atomic_write(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
     return html_path, md_path
