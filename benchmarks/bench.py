@@ -96,7 +96,7 @@ class Settings:
                    floor_sizes=(1, 8), floor_repeats=1, repeats=1, floor_budget_s=5.0,
                    original_lime_samples=12, original_ks_samples=16, original_ig_steps=4,
                    original_gs_samples=4,
-                   other_params={"rise": {"n_masks": 8}, "occlusion": {"window": 56,
+                   other_params={"rise": {"n_samples": 8}, "occlusion": {"window": 56,
                                                                        "stride": 56},
                                  "smoothgrad": {"n_samples": 2},
                                  "integrated_gradients_uniform": {"steps": 4}},
@@ -534,7 +534,7 @@ def _probabilities(adapter: ModelAdapter) -> Callable[[torch.Tensor], torch.Tens
 def lime_image_run(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
                    num_samples: int, batch_size: int) -> Callable[[], dict[str, Any]]:
     """lime_image.explain_instance per image; its own quickshift (same parameters as ours),
-    removed superpixels filled with the model's mean colour (as vitxai's fill="mean")."""
+    removed superpixels filled with the model's mean colour (as vitxai's baseline="mean")."""
     from lime import lime_image
 
     lime_image.tqdm = lambda rows, **_kw: rows  # silence its per-row progress bar only

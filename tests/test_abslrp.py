@@ -11,21 +11,20 @@ from conftest import images_for, tiny_vit
 from timm.layers import SwiGLUPacked
 from torch import nn
 
-import vitxai.methods.abslrp as abslrp_module
+import vitxai.methods.lrp.abslrp as abslrp_module
+import vitxai.methods.lrp.rules as rules_module
 from vitxai.methods import attribute
-from vitxai.methods.abslrp import (
-    activation_rule,
-    add_rule,
-    contrastive_relevance,
-    layernorm_rule,
-    linear_rule,
-    matmul_rule,
+from vitxai.methods.lrp.abslrp import contrastive_relevance, relevance_pass, stem_tokens
+from vitxai.methods.lrp.rules import (
+    abs_activation_rule,
+    abs_add_rule,
+    abs_layernorm_rule,
+    abs_linear_rule,
+    abs_matmul_rule,
+    abs_patch_conv_rule,
+    abs_scale_rule,
+    abs_softmax_rule,
     n1,
-    patch_conv_rule,
-    relevance_pass,
-    scale_rule,
-    softmax_rule,
-    stem_tokens,
 )
 from vitxai.models.adapter import ModelAdapter
 
@@ -72,8 +71,8 @@ def test_linear_rule_hand_made_case():
     w = [[0.5, 1.0, -1.0], [-1.0, 0.25, 2.0]]
     b = [0.1, -0.2]
     r = [[0.8, -0.3], [0.5, 0.7]]
-    got = linear_rule(torch.tensor(x, dtype=DT), torch.tensor(w, dtype=DT),
-                      torch.tensor(b, dtype=DT), torch.tensor(r, dtype=DT))
+    got = abs_linear_rule(torch.tensor(x, dtype=DT), torch.tensor(w, dtype=DT),
+                          torch.tensor(b, dtype=DT), torch.tensor(r, dtype=DT))
     assert torch.allclose(got, torch.tensor(expected_linear(x, w, b, r), dtype=DT),
                           rtol=0, atol=1e-14)
     assert torch.allclose(psum(got), torch.tensor([0.5, 1.2], dtype=DT), atol=1e-14)
@@ -129,32 +128,33 @@ GELU = nn.GELU()
 
 # name → (our rule, f, twin, inputs, relevance shape, sign-definite)
 RULES = {
-    "linear": (lambda x, r: [linear_rule(x, W, BIAS, r)],
+    "linear": (lambda x, r: [abs_linear_rule(x, W, BIAS, r)],
                lambda x: F.linear(x, W, BIAS), lambda x: F.linear(x.abs(), W.abs(), BIAS.abs()),
                [randn(2, 3, 7, seed=1)], (2, 3, 5), True),
-    "patch_conv": (lambda x, r: [patch_conv_rule(x, CONV, r)],
+    "patch_conv": (lambda x, r: [abs_patch_conv_rule(x, CONV, r)],
                    lambda x: CONV(x).flatten(2).transpose(1, 2),
                    lambda x: F.conv2d(x.abs(), CONV.weight.abs(), CONV.bias.abs(), stride=4)
                    .flatten(2).transpose(1, 2),
                    [randn(2, 3, 8, 12, seed=2)], (2, 6, 6), True),
-    "residual_add": (lambda a, b, r: list(add_rule(a, b, r)), torch.add,
+    "residual_add": (lambda a, b, r: list(abs_add_rule(a, b, r)), torch.add,
                      lambda a, b: a.abs() + b.abs(),
                      [randn(2, 4, 7, seed=3), randn(2, 4, 7, seed=4)], (2, 4, 7), True),
-    "qk": (lambda q, kt, r: list(matmul_rule(q, kt, r)), torch.matmul,
+    "qk": (lambda q, kt, r: list(abs_matmul_rule(q, kt, r)), torch.matmul,
            lambda q, kt: q.abs() @ kt.abs(),
            [randn(2, 2, 5, 3, seed=5), randn(2, 2, 3, 5, seed=6)], (2, 2, 5, 5), True),
-    "attention_value": (lambda a, v, r: list(matmul_rule(a, v, r)), torch.matmul,
+    "attention_value": (lambda a, v, r: list(abs_matmul_rule(a, v, r)), torch.matmul,
                         lambda a, v: a.abs() @ v.abs(),
                         [randn(2, 2, 5, 5, seed=7).softmax(-1), randn(2, 2, 5, 3, seed=8)],
                         (2, 2, 5, 3), True),
-    "layer_scale": (lambda x, r: [scale_rule(x, GAMMA, r)], lambda x: x * GAMMA,
+    "layer_scale": (lambda x, r: [abs_scale_rule(x, GAMMA, r)], lambda x: x * GAMMA,
                     lambda x: x.abs() * GAMMA.abs(), [randn(2, 3, 7, seed=9)], (2, 3, 7), True),
-    "gelu": (lambda x, r: [activation_rule(x, GELU, r)], GELU, lambda x: GELU(x).abs(),
+    "gelu": (lambda x, r: [abs_activation_rule(x, GELU, r)], GELU, lambda x: GELU(x).abs(),
              [randn(2, 3, 7, seed=13)], (2, 3, 7), True),
-    "layernorm": (lambda x, r: [layernorm_rule(x, NORM, r)], lambda x: _ln_parts(x, NORM)[0],
+    "layernorm": (lambda x, r: [abs_layernorm_rule(x, NORM, r)],
+                  lambda x: _ln_parts(x, NORM)[0],
                   lambda x: _ln_parts(x, NORM)[1], [randn(2, 5, 16, seed=14) + 0.5],
                   (2, 5, 16), False),
-    "softmax": (lambda x, r: [softmax_rule(x, r)], _detached_softmax, _detached_softmax,
+    "softmax": (lambda x, r: [abs_softmax_rule(x, r)], _detached_softmax, _detached_softmax,
                 [randn(2, 2, 5, 5, seed=15)], (2, 2, 5, 5), False),
 }
 
@@ -197,14 +197,14 @@ def test_residual_split_follows_positive_sum_ratio():
     s = r / (a + b).abs()
     for part, s_part in ((r.clamp(min=0), s.clamp(min=0)), (r.clamp(max=0), s.clamp(max=0))):
         g_a, g_b = psum(2 * a.clamp(min=0) * s_part), psum(2 * b.clamp(min=0) * s_part)
-        r_a, r_b = add_rule(a, b, part)
+        r_a, r_b = abs_add_rule(a, b, part)
         assert torch.allclose(psum(r_a), psum(part) * g_a / (g_a + g_b), atol=1e-14)
         assert torch.allclose(psum(r_b), psum(part) * g_b / (g_a + g_b), atol=1e-14)
 
 
 def test_softmax_relevance_is_proportional_to_input_times_relevance():
     x, r = randn(2, 2, 5, 5, seed=33), randn(2, 2, 5, 5, seed=34).abs()
-    assert torch.allclose(softmax_rule(x, r), bc(psum(r), r) * n1(x * r), atol=1e-14)
+    assert torch.allclose(abs_softmax_rule(x, r), bc(psum(r), r) * n1(x * r), atol=1e-14)
 
 
 # --- the whole pass -----------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_whole_pass_conserves_relevance(variant):
 def test_generic_vit_loses_relevance_only_at_layernorm_and_softmax(monkeypatch):
     adapter = tiny_vit(dtype=DT)
     lost: dict[str, float] = {}
-    share = abslrp_module.share
+    share = rules_module.share
 
     def recording_share(relevance, contributions):
         out = share(relevance, contributions)
@@ -289,12 +289,13 @@ def test_generic_vit_loses_relevance_only_at_layernorm_and_softmax(monkeypatch):
         lost[rule] = max(lost.get(rule, 0.0), gap)
         return out
 
-    monkeypatch.setattr(abslrp_module, "share", recording_share)
+    monkeypatch.setattr(rules_module, "share", recording_share)
     relevance_pass(adapter, images_for(adapter, 2), [onehot(2, 10)])
-    assert set(lost) == {"linear_rule", "add_rule", "matmul_rule", "softmax_rule",
-                         "layernorm_rule", "activation_rule"}
-    assert all(v < 1e-13 for k, v in lost.items() if k not in ("layernorm_rule", "softmax_rule"))
-    assert lost["softmax_rule"] > 1e-3  # signed scores: the paper's rule is not conservative
+    assert set(lost) == {"abs_linear_rule", "abs_add_rule", "abs_matmul_rule",
+                         "abs_softmax_rule", "abs_layernorm_rule", "abs_activation_rule"}
+    assert all(v < 1e-13 for k, v in lost.items()
+               if k not in ("abs_layernorm_rule", "abs_softmax_rule"))
+    assert lost["abs_softmax_rule"] > 1e-3  # signed scores: the paper's rule is not conservative
 
 
 def _linear_pair(m: nn.Linear):

@@ -10,7 +10,7 @@ from timm.models.deit import VisionTransformerDistilled
 from torch import nn
 
 from vitxai.methods import attribute, get_method
-from vitxai.methods.attnlrp import grad_scale, lrp_relevance, lrp_rules
+from vitxai.methods.lrp.attnlrp import grad_scale, lrp_relevance, lrp_rules
 from vitxai.models import adapt
 
 MODES = ("attnlrp", "cplrp")

@@ -71,7 +71,7 @@ def _failing_logits(adapter, limit: int, seen: list[int]):
 def test_lime_recovers_with_the_same_map(monkeypatch):
     adapter = tiny_vit()
     x = images_for(adapter, 2)
-    params = dict(n_samples=60, batch_size=32, space="tokens")
+    params = dict(n_samples=60, batch_size=32, space="token")
     reference = attribute("lime", adapter, x, [1, 2], **params)
     seen: list[int] = []
     monkeypatch.setattr(adapter, "logits", _failing_logits(adapter, 8, seen))

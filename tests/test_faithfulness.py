@@ -75,17 +75,17 @@ def test_perfect_map_is_best_inverted_worst_random_in_the_middle(linear, mode):
 
 def test_linear_model_curve_values(linear):
     adapter, x, perfect = linear
-    curves, fr = perturbation_curve(adapter, x, perfect, 0, output="logit", steps=64)
+    curves, fr = perturbation_curve(adapter, x, perfect, 0, score="logit", steps=64)
     top = perfect.flatten().sort(descending=True).values
     expected = perfect.sum() - torch.cat([torch.zeros(1, dtype=torch.float64), top.cumsum(0)])
     assert torch.allclose(curves[0], expected, atol=1e-12)
     assert torch.equal(fr, torch.arange(65, dtype=torch.float64) / 64)
 
 
-@pytest.mark.parametrize("baseline", ["zero", "blur", "mean", "uniform"])
+@pytest.mark.parametrize("baseline", ["mean", "blur", "image_mean", "uniform_normalized"])
 @pytest.mark.parametrize("mode", ["deletion", "insertion"])
-@pytest.mark.parametrize("unit", ["pixel", "patch"])
-def test_curve_endpoints_exact(vit64, baseline, mode, unit):
+@pytest.mark.parametrize("space", ["pixel", "token"])
+def test_curve_endpoints_exact(vit64, baseline, mode, space):
     x = images_for(vit64, 3)
     t = torch.tensor([1, 5, 7])
     maps = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2),
@@ -93,7 +93,7 @@ def test_curve_endpoints_exact(vit64, baseline, mode, unit):
     seen = []
     forward = vit64.logits
     vit64.logits = lambda images: seen.append(images.clone()) or forward(images)
-    curves, fr = perturbation_curve(vit64, x, maps, t, mode=mode, unit=unit, steps=5,
+    curves, fr = perturbation_curve(vit64, x, maps, t, mode=mode, space=space, steps=5,
                                     baseline=baseline, batch_size=7, seed=3)
     del vit64.logits
     base = baseline_images(vit64, x, baseline, seed=3)
@@ -125,25 +125,49 @@ def test_ties_break_by_index_and_patch_units(vit64):
     patch_scores = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(0),
                                dtype=torch.float64)
     patchwise = patch_scores.repeat_interleave(8, 1).repeat_interleave(8, 2)
-    by_patch = perturbation_curve(vit64, x, patchwise, 3, unit="patch", steps=16)[0]
-    assert torch.equal(by_patch, perturbation_curve(vit64, x, patchwise, 3, unit=8, steps=16)[0])
-    by_pixel = perturbation_curve(vit64, x, patchwise, 3, unit="pixel", steps=16)[0]
+    by_patch = perturbation_curve(vit64, x, patchwise, 3, space="token", steps=16)[0]
+    assert torch.equal(by_patch, perturbation_curve(vit64, x, patchwise, 3, space=8, steps=16)[0])
+    by_pixel = perturbation_curve(vit64, x, patchwise, 3, space="pixel", steps=16)[0]
     assert torch.allclose(by_patch, by_pixel, rtol=0, atol=1e-12)
 
 
 def test_baselines_defined_in_pixel_space(vit64):
     x = images_for(vit64, 2)
-    assert torch.equal(baseline_images(vit64, x, "zero"), vit64.mean.expand_as(x))
-    assert torch.allclose(baseline_images(vit64, x, "mean"),
+    assert torch.equal(baseline_images(vit64, x, "mean"), vit64.mean.expand_as(x))
+    assert torch.allclose(baseline_images(vit64, x, "image_mean"),
                           x.mean((2, 3), keepdim=True).expand_as(x))
-    u = baseline_images(vit64, x, "uniform", seed=4)
+    u = baseline_images(vit64, x, "uniform_normalized", seed=4)
     z = vit64.normalize(u)
     assert z.min() >= -1 and z.max() <= 1 and z.min() < -0.9 and z.max() > 0.9
-    assert torch.equal(u, baseline_images(vit64, x, "uniform", seed=4))
+    assert torch.equal(u, baseline_images(vit64, x, "uniform_normalized", seed=4))
     assert not torch.equal(u[0], u[1])
     flat = torch.full_like(x, 0.3)
     assert torch.allclose(baseline_images(vit64, flat, "blur"), flat)  # blur keeps constants
     assert baseline_images(vit64, x, "blur").std() < x.std() / 3
+
+
+def test_random_baselines_follow_the_image_not_its_batch_position(vit64):
+    """Seeded by image id, as methods are: image 7's baseline is the same in any batch."""
+    x = images_for(vit64, 2)
+    pair = baseline_images(vit64, x, "uniform_normalized", seed=1, image_ids=[7, 9])
+    alone = baseline_images(vit64, x[1:], "uniform_normalized", seed=1, image_ids=[9])
+    assert torch.equal(pair[1], alone[0])
+    swapped = baseline_images(vit64, x.flip(0), "uniform_normalized", seed=1, image_ids=[9, 7])
+    assert torch.equal(swapped[0], pair[1]) and torch.equal(swapped[1], pair[0])
+
+
+def test_deprecated_metric_names_warn_and_agree(vit64):
+    x = images_for(vit64, 2)
+    maps = torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with pytest.warns(FutureWarning, match="'zero' is deprecated"):
+        assert torch.equal(baseline_images(vit64, x, "zero"), baseline_images(vit64, x, "mean"))
+    with pytest.warns(FutureWarning, match="'uniform' is deprecated"):
+        old = baseline_images(vit64, x, "uniform", seed=2)
+    assert torch.equal(old, baseline_images(vit64, x, "uniform_normalized", seed=2))
+    with pytest.warns(FutureWarning, match="unit= is deprecated"):
+        before = perturbation_curve(vit64, x, maps, [1, 2], unit="patch", output="logit")
+    after = perturbation_curve(vit64, x, maps, [1, 2], space="token", score="logit")
+    assert torch.equal(before[0], after[0])
 
 
 def test_spearman_matches_scipy_with_ties():

@@ -10,7 +10,8 @@ from conftest import images_for, tiny_vit
 from torch import nn
 
 from vitxai.methods import BatchContext, attribute, get_method
-from vitxai.methods.gradient import IG_BASELINE, make_baseline
+from vitxai.methods.base import make_baseline
+from vitxai.methods.gradient import IG_BASELINE
 from vitxai.models.adapter import ModelAdapter
 
 SIZE = 8

@@ -309,3 +309,35 @@ def test_rows_changed_behind_the_journal_are_refused_on_resume(evaluated, tmp_pa
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "shorter" in err[0] and "per_image_methods.csv" in err[0]
+
+
+def test_a_run_recorded_with_deprecated_names_resumes(forker, reference, tmp_path):
+    """A run written before the vocabulary change (docs/conventions.md) is the same run."""
+    from safetensors.torch import load_file, save_file
+
+    from vitxai.compare import fingerprint
+    from vitxai.methods import get_method
+
+    out = tmp_path / "run"
+    assert forker.run("kill:renamed:manifest.json#2", out)[0] == -9  # one batch committed
+    config = json.loads((out / "config.json").read_text())
+    renamed = 0
+    for name, params in config["methods"].items():
+        for old, new in get_method(name).renamed.items():
+            if new in params:
+                params[old] = params.pop(new)
+                renamed += 1
+    assert renamed >= 2, "the run's methods have no renamed parameter to test with"
+    old = fingerprint(config)
+    assert old != config["fingerprint"]
+    config["fingerprint"] = old
+    (out / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["fingerprint"] = old
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for path in (out / "maps").iterdir():
+        save_file(load_file(str(path)), str(path), metadata={"fingerprint": old})
+    code, err = forker.run("record:" + str(tmp_path / "events"), out)
+    assert code == 0, err[-2000:]
+    _assert_same_run(reference, out)
+    assert main(["evaluate", str(out), "--steps", "2", "--no-progress"]) == 0

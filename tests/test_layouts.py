@@ -27,7 +27,7 @@ FAST: dict[str, dict] = {
     "integrated_gradients": dict(steps=4),
     "integrated_gradients_uniform": dict(steps=4),
     "gradient_shap": dict(n_samples=4),
-    "rise": dict(n_masks=16),
+    "rise": dict(n_samples=16),
     "smoothgrad": dict(n_samples=2),
     "occlusion": dict(window=16, stride=16),
 }
@@ -146,10 +146,10 @@ def test_cnn_runs_model_agnostic_methods_and_rejects_vit_only(method):
 # --- token-space variants: features on the patch grid of each layout --------------------------
 
 def _token_variant(method: str) -> dict | None:
-    """Parameters that move a method onto the patch grid (``space="tokens"`` for perturbation
+    """Parameters that move a method onto the patch grid (``space="token"`` for perturbation
     methods, ``output="token"`` for AttnLRP/CP-LRP), or None where its parameters take neither."""
     spec = METHODS[method]
-    for extra in (dict(space="tokens"), dict(output="token")):
+    for extra in (dict(space="token"), dict(output="token")):
         kw = dict(FAST.get(method, {}), **extra)
         try:
             spec.make_params(**kw)
@@ -185,22 +185,22 @@ def test_token_space_variant_on_layout(method, name):
 def test_abslrp_distilled_readout_is_the_linear_rule_on_both_tokens():
     """(head(CLS) + head_dist(DIST))/2 is one linear layer on [CLS; DIST]: the two-token rule
     (P± split by each token's ΣG±) equals absLRP's linear rule on the concatenation."""
-    from vitxai.methods.abslrp import linear_rule, readout_rule
+    from vitxai.methods.lrp.rules import abs_linear_rule, abs_readout_rule
 
     model = layout("distilled").model
     g = torch.Generator().manual_seed(3)
     c, d = (torch.randn(3, 32, generator=g, dtype=DT) for _ in range(2))
     seed = torch.randn(3, 10, generator=g, dtype=DT)  # signed: both streams
-    r_cls, r_dist = readout_rule([c, d], [model.head, model.head_dist], seed)
+    r_cls, r_dist = abs_readout_rule([c, d], [model.head, model.head_dist], seed)
     weight = torch.cat([model.head.weight, model.head_dist.weight], dim=1) / 2
     bias = (model.head.bias + model.head_dist.bias) / 2
-    joint = linear_rule(torch.cat([c, d], dim=1), weight, bias, seed)
+    joint = abs_linear_rule(torch.cat([c, d], dim=1), weight, bias, seed)
     torch.testing.assert_close(torch.cat([r_cls, r_dist], dim=1), joint, rtol=1e-12, atol=1e-14)
     assert r_cls.abs().sum() > 0 and r_dist.abs().sum() > 0
 
 
 def test_abslrp_distilled_stem_and_readout_tokens_match_the_forward():
-    from vitxai.methods.abslrp import relevance_pass, stem_tokens
+    from vitxai.methods.lrp.abslrp import relevance_pass, stem_tokens
 
     adapter = layout("distilled")
     m, x = adapter.model, images_for(adapter, 2)
@@ -223,7 +223,7 @@ def test_abslrp_distilled_stem_and_readout_tokens_match_the_forward():
 def test_full_lrp_without_embed_class_splits_only_the_patch_tokens():
     """no_embed_class: pos_embed is added to the patches alone, so with a zero pos_embed every
     patch token's relevance entering block 0 reaches the pixels and none of the prefix's does."""
-    from vitxai.methods.lrp import relevance_pass
+    from vitxai.methods.lrp.chefer import relevance_pass
 
     adapter = tiny_vit(depth=2, reg_tokens=2, no_embed_class=True, init_values=1e-1, dtype=DT)
     with torch.no_grad():

@@ -276,7 +276,7 @@ def test_float64_patch_maps_are_upsampled_in_float64(vit64, name):
     assert not torch.equal(r.maps, r.maps.float().double())
 
 
-@pytest.mark.parametrize("space", ["pixel", "tokens"])
+@pytest.mark.parametrize("space", ["pixel", "token"])
 @pytest.mark.parametrize("name", ["lime", "kernel_shap"])
 def test_float64_feature_maps_keep_float64(vit64, name, space):
     x = images_for(vit64, 2)

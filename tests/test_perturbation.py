@@ -57,10 +57,10 @@ def batch() -> torch.Tensor:
 
 
 def additive_contributions(adapter: ModelAdapter, image: torch.Tensor, segments: torch.Tensor,
-                           target: int, fill: torch.Tensor) -> torch.Tensor:
+                           target: int, baseline: torch.Tensor) -> torch.Tensor:
     """Exact per-superpixel change of the linear model's target logit when switched off."""
     weight = adapter.model[1].weight[target].view(3, SIZE, SIZE)
-    per_pixel = (weight * (image[0] - fill[0]) / adapter.std[0]).sum(0)
+    per_pixel = (weight * (image[0] - baseline[0]) / adapter.std[0]).sum(0)
     s = int(segments.max()) + 1
     return torch.zeros(s, dtype=torch.float64).scatter_add_(
         0, segments.flatten(), per_pixel.flatten().double()
@@ -151,8 +151,8 @@ def test_methods_deterministic(vit, batch) -> None:
 # ------------------------------------------------------------------------------- closed forms
 
 
-@pytest.mark.parametrize("fill", ["mean", "black", 0.3])
-def test_additive_model_recovered(linear, fill) -> None:
+@pytest.mark.parametrize("baseline", ["mean", "black", 0.3])
+def test_additive_model_recovered(linear, baseline) -> None:
     image = blocks(5, 4).double()
     target = 3
     seg_params = slic(16)
@@ -160,8 +160,8 @@ def test_additive_model_recovered(linear, fill) -> None:
     s = int(segments.max()) + 1
     assert 2**s > 300  # the sampled regime, not enumeration
     expected = additive_contributions(linear, image, segments[0], target,
-                                      P.fill_colour(linear, fill))
-    common = dict(output="logit", fill=fill, segmentation=seg_params, n_samples=300)
+                                      P.baseline_colour(linear, baseline))
+    common = dict(score="logit", baseline=baseline, segmentation=seg_params, n_samples=300)
     shap = attribute("kernel_shap", linear, image, target, **common)
     lime0 = attribute("lime", linear, image, target, alpha=0.0, **common)
     lime_small = attribute("lime", linear, image, target, alpha=1e-6, **common)
@@ -217,14 +217,14 @@ def test_kernel_shap_exact_on_vit_when_enumerating(vit) -> None:
     torch.testing.assert_close(result.native[0].double(), expected, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("output", ["probability", "logit"])
-def test_kernel_shap_efficiency(vit, batch, output) -> None:
+@pytest.mark.parametrize("score", ["probability", "logit"])
+def test_kernel_shap_efficiency(vit, batch, score) -> None:
     targets = torch.tensor([0, 4, 9])
-    result = attribute("kernel_shap", vit, batch, targets, n_samples=50, output=output,
+    result = attribute("kernel_shap", vit, batch, targets, n_samples=50, score=score,
                        segmentation=slic(16))
     full = vit.predict(batch).double()
     empty = vit.predict(vit.mean.expand_as(batch)).double()
-    if output == "probability":
+    if score == "probability":
         full, empty = full.softmax(1), empty.softmax(1)
     delta = (full - empty).gather(1, targets[:, None])[:, 0]
     torch.testing.assert_close(result.native.double().nansum(1), delta, atol=1e-6, rtol=0)
@@ -328,7 +328,7 @@ def test_engine_chunks_and_perturbed_images(vit, batch, monkeypatch) -> None:
         return original(images)
 
     monkeypatch.setattr(vit, "logits", counting)
-    y = P.evaluate_coalitions(vit, batch, segments, z, targets, batch_size=16, output="logit")
+    y = P.evaluate_coalitions(vit, batch, segments, z, targets, batch_size=16, score="logit")
     assert len(calls) == math.ceil(3 * 50 / 16) and max(len(c) for c in calls) == 16
     flat = torch.cat(calls)
     for b, j in [(0, 0), (0, 7), (1, 20), (2, 49)]:
@@ -354,12 +354,12 @@ def test_engine_chunks_and_perturbed_images(vit, batch, monkeypatch) -> None:
     ("lime", "batch_size", 0),
     ("lime", "kernel_width", 0.0),
     ("lime", "alpha", -1.0),
-    ("lime", "output", "logits"),
-    ("lime", "fill", "red"),
-    ("lime", "fill", 1.5),
+    ("lime", "score", "logits"),
+    ("lime", "baseline", "red"),
+    ("lime", "baseline", 1.5),
     ("kernel_shap", "n_samples", 2),
     ("kernel_shap", "batch_size", 0),
-    ("kernel_shap", "output", "prob"),
+    ("kernel_shap", "score", "prob"),
 ])
 def test_invalid_params(method, name, value) -> None:
     with pytest.raises(ValueError, match=name):

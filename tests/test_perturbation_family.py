@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,13 +57,13 @@ def test_registered_with_aliases() -> None:
 
 
 @pytest.mark.parametrize(("method", "kw", "kind", "forward"), [
-    ("rise", {"n_masks": 20}, "pixel", 20),
-    ("rise", {"n_masks": 20, "grid": 2, "space": "tokens"}, "patch", 20),
+    ("rise", {"n_samples": 20}, "pixel", 20),
+    ("rise", {"n_samples": 20, "grid": 2, "space": "token"}, "patch", 20),
     ("occlusion", {}, "pixel", 10),  # windows at 0, 8, 16 per axis, plus f(x)
-    ("occlusion", {"space": "tokens"}, "patch", 10),  # 2-patch window, 1-patch step on 4×4
-    ("occlusion", {"window": 12, "stride": 4, "space": "tokens"}, "patch", 10),
-    ("lime", {"n_samples": 30, "space": "tokens"}, "patch", 30),
-    ("kernel_shap", {"n_samples": 30, "space": "tokens"}, "patch", 30),
+    ("occlusion", {"space": "token"}, "patch", 10),  # 2-patch window, 1-patch step on 4×4
+    ("occlusion", {"window": 12, "stride": 4, "space": "token"}, "patch", 10),
+    ("lime", {"n_samples": 30, "space": "token"}, "patch", 30),
+    ("kernel_shap", {"n_samples": 30, "space": "token"}, "patch", 30),
 ])
 def test_shapes_and_cost(vit64, method, kw, kind, forward) -> None:
     x = images_for(vit64, 2)
@@ -76,13 +78,13 @@ def test_shapes_and_cost(vit64, method, kw, kind, forward) -> None:
 
 
 @pytest.mark.parametrize(("method", "kw"), [
-    ("rise", {"n_masks": 40, "grid": 4, "p_keep": 0.5, "batch_size": 16}),
-    ("rise", {"n_masks": 40, "baseline": "uniform_normalized", "batch_size": 7}),
-    ("rise", {"n_masks": 40, "grid": 2, "space": "tokens", "batch_size": 16}),
+    ("rise", {"n_samples": 40, "grid": 4, "p_keep": 0.5, "batch_size": 16}),
+    ("rise", {"n_samples": 40, "baseline": "uniform_normalized", "batch_size": 7}),
+    ("rise", {"n_samples": 40, "grid": 2, "space": "token", "batch_size": 16}),
     ("occlusion", {"window": 12, "stride": 6, "batch_size": 5}),
-    ("occlusion", {"space": "tokens", "token_fill": "zero", "batch_size": 5}),
-    ("lime", {"n_samples": 40, "space": "tokens", "batch_size": 16}),
-    ("kernel_shap", {"n_samples": 40, "space": "tokens", "batch_size": 16}),
+    ("occlusion", {"space": "token", "token_baseline": "zero", "batch_size": 5}),
+    ("lime", {"n_samples": 40, "space": "token", "batch_size": 16}),
+    ("kernel_shap", {"n_samples": 40, "space": "token", "batch_size": 16}),
 ])
 def test_batch_equals_per_image(vit64, method, kw) -> None:
     x = images_for(vit64, 3)
@@ -101,7 +103,7 @@ def test_batch_equals_per_image(vit64, method, kw) -> None:
 
 def test_rise_reproducible_with_seed(vit64) -> None:
     x = images_for(vit64, 2)
-    runs = [attribute("rise", vit64, x, [1, 2], seed=s, n_masks=30) for s in (5, 5, 6)]
+    runs = [attribute("rise", vit64, x, [1, 2], seed=s, n_samples=30) for s in (5, 5, 6)]
     assert torch.equal(runs[0].maps, runs[1].maps)
     assert not torch.allclose(runs[0].maps, runs[2].maps)
 
@@ -130,7 +132,7 @@ def test_rise_masks_follow_the_paper(monkeypatch) -> None:
         assert torch.equal(masks[m], up[m, r:r + 224, c:c + 224])
 
 
-def test_rise_is_output_weighted_mask_mean() -> None:
+def test_rise_is_score_weighted_mask_mean() -> None:
     """Saliency = Σ_i p_c(M_i ⊙ x + (1 − M_i) ⊙ x′)·M_i / (N·p1), checked by brute force."""
     region = torch.zeros(16, 16, dtype=torch.bool)
     region[2:8, 3:10] = True
@@ -138,7 +140,7 @@ def test_rise_is_output_weighted_mask_mean() -> None:
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     ctx = BatchContext.for_batch(1, seed=3)
     n, grid, p1 = 24, 4, 0.3
-    r = attribute("rise", adapter, x, 0, context=ctx, n_masks=n, grid=grid, p_keep=p1,
+    r = attribute("rise", adapter, x, 0, context=ctx, n_samples=n, grid=grid, p_keep=p1,
                   baseline="black", batch_size=5)
     grids, shifts = P.rise_draws(ctx, 1, n, grid, p1, (16, 16))
     masks = P.rise_masks(grids[0], shifts[0], (16, 16), torch.float32)[:, None]
@@ -152,8 +154,8 @@ def test_rise_finds_the_region_the_model_reads() -> None:
     region[4:16, 18:30] = True
     adapter = ModelAdapter(RegionMean(region), MEAN, STD, (32, 32), "region")
     white = torch.ones(1, 3, 32, 32)
-    r = attribute("rise", adapter, white, 0, n_masks=500, grid=4, p_keep=0.5,
-                  baseline="black", output="logit")
+    r = attribute("rise", adapter, white, 0, n_samples=500, grid=4, p_keep=0.5,
+                  baseline="black", score="logit")
     saliency = r.maps[0]
     inside, outside = saliency[region], saliency[~region]
     assert inside.mean() > outside.mean() + 0.3  # ≈ 0.57 vs 0.10–0.15 over seeds
@@ -171,18 +173,18 @@ def test_window_starts_cover_every_position() -> None:
     assert P.window_starts(5, 9, 1) == [0]  # window clipped to the image
 
 
-@pytest.mark.parametrize(("window", "stride", "fill"), [(3, 2, 0.3), (3, 3, "mean"),
-                                                        (2, 1, "black"), (9, 4, "mean")])
-def test_occlusion_of_linear_model_equals_closed_form(window, stride, fill) -> None:
+@pytest.mark.parametrize(("window", "stride", "baseline"), [(3, 2, 0.3), (3, 3, "mean"),
+                                                            (2, 1, "black"), (9, 4, "mean")])
+def test_occlusion_of_linear_model_equals_closed_form(window, stride, baseline) -> None:
     size, target = 6, 2
     adapter = linear_adapter(size)
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(4),
                    dtype=torch.float64)
-    r = attribute("occlusion", adapter, x, target, window=window, stride=stride, fill=fill,
-                  output="logit")
-    # a logit linear in the normalised pixels drops by Σ_window w·(x − fill)/σ when occluded
+    r = attribute("occlusion", adapter, x, target, window=window, stride=stride,
+                  baseline=baseline, score="logit")
+    # a logit linear in the normalised pixels drops by Σ_window w·(x − baseline)/σ when occluded
     weight = adapter.model[1].weight[target].view(3, size, size)
-    colour = P.fill_colour(adapter, fill)[0]
+    colour = P.baseline_colour(adapter, baseline)[0]
     per_pixel = (weight * (x[0] - colour) / adapter.std[0]).sum(0)
     total = torch.zeros(size, size, dtype=torch.float64)
     count = torch.zeros(size, size, dtype=torch.float64)
@@ -239,24 +241,24 @@ def test_token_hook_removed_on_error(vit64, monkeypatch) -> None:
     monkeypatch.setattr(vit64, "logits", failing)
     for method in ("lime", "kernel_shap", "rise", "occlusion"):
         with pytest.raises(RuntimeError, match="model failed"):
-            attribute(method, vit64, images_for(vit64, 1), 0, space="tokens")
+            attribute(method, vit64, images_for(vit64, 1), 0, space="token")
         assert no_hooks(vit64)
 
 
 def test_token_occlusion_equals_patch_aligned_pixel_occlusion(vit64) -> None:
     x = images_for(vit64, 2)
-    tokens = attribute("occlusion", vit64, x, [3, 5], window=8, stride=8, space="tokens")
-    pixels = attribute("occlusion", vit64, x, [3, 5], window=8, stride=8, fill="mean")
+    tokens = attribute("occlusion", vit64, x, [3, 5], window=8, stride=8, space="token")
+    pixels = attribute("occlusion", vit64, x, [3, 5], window=8, stride=8, baseline="mean")
     torch.testing.assert_close(tokens.maps, pixels.maps, atol=1e-12, rtol=0)
-    zero = attribute("occlusion", vit64, x, [3, 5], window=8, stride=8, space="tokens",
-                     token_fill="zero")
+    zero = attribute("occlusion", vit64, x, [3, 5], window=8, stride=8, space="token",
+                     token_baseline="zero")
     assert not torch.allclose(zero.maps, tokens.maps, atol=1e-6)
 
 
 def test_token_kernel_shap_efficiency(vit64) -> None:
     x = images_for(vit64, 2)
     t = torch.tensor([0, 9])
-    r = attribute("kernel_shap", vit64, x, t, n_samples=60, space="tokens")
+    r = attribute("kernel_shap", vit64, x, t, n_samples=60, space="token")
     full = vit64.predict(x).softmax(1)
     empty = vit64.predict(vit64.mean.expand_as(x)).softmax(1)  # every token masked, "mean"
     delta = (full - empty).gather(1, t[:, None])[:, 0]
@@ -266,36 +268,91 @@ def test_token_kernel_shap_efficiency(vit64) -> None:
 @pytest.mark.parametrize("method", ["lime", "kernel_shap", "rise", "occlusion"])
 def test_tokens_need_a_vit(method) -> None:
     adapter = linear_adapter(8)
-    with pytest.raises(ValueError, match=f"method '{method}' with space='tokens' needs a ViT"):
+    with pytest.raises(ValueError, match=f"method '{method}' with space='token' needs a ViT"):
         attribute(method, adapter, torch.rand(1, 3, 8, 8, dtype=torch.float64), 0,
-                  space="tokens")
+                  space="token")
 
 
 # ------------------------------------------------------------------------------- validation
 
 
 @pytest.mark.parametrize(("method", "name", "value"), [
-    ("rise", "n_masks", 0),
+    ("rise", "n_samples", 0),
     ("rise", "grid", 0),
     ("rise", "p_keep", 0.0),
     ("rise", "p_keep", 1.5),
     ("rise", "baseline", "noise"),
     ("rise", "batch_size", 0),
-    ("rise", "output", "prob"),
-    ("rise", "space", "token"),
-    ("rise", "token_fill", "learned"),
+    ("rise", "score", "prob"),
+    ("rise", "space", "patch"),
+    ("rise", "token_baseline", "learned"),
     ("occlusion", "window", 0),
     ("occlusion", "stride", 0),
-    ("occlusion", "fill", "red"),
+    ("occlusion", "baseline", "red"),
     ("occlusion", "batch_size", 0),
-    ("occlusion", "output", "logits"),
+    ("occlusion", "score", "logits"),
     ("occlusion", "space", "patches"),
     ("lime", "space", "patches"),
-    ("lime", "token_fill", "black"),
+    ("lime", "token_baseline", "black"),
     ("kernel_shap", "space", "superpixel"),
-    ("kernel_shap", "token_fill", 0.0),
+    ("kernel_shap", "token_baseline", 0.0),
 ])
 def test_invalid_params(method, name, value) -> None:
     with pytest.raises(ValueError, match=f"parameter {name}=") as info:
         get_method(method).make_params(**{name: value})
     assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------- old names
+
+
+@pytest.mark.parametrize(("method", "old", "new"), [
+    ("lime", {"fill": "black", "output": "logit", "n_samples": 20},
+     {"baseline": "black", "score": "logit", "n_samples": 20}),
+    ("lime", {"space": "tokens", "token_fill": "zero", "n_samples": 20},
+     {"space": "token", "token_baseline": "zero", "n_samples": 20}),
+    ("kernel_shap", {"fill": 0.3, "output": "logit", "n_samples": 20},
+     {"baseline": 0.3, "score": "logit", "n_samples": 20}),
+    ("kernel_shap", {"space": "tokens", "token_fill": "zero", "n_samples": 20},
+     {"space": "token", "token_baseline": "zero", "n_samples": 20}),
+    ("rise", {"n_masks": 20, "output": "logit", "baseline": "uniform_normalized"},
+     {"n_samples": 20, "score": "logit", "baseline": "uniform_normalized"}),
+    ("rise", {"n_masks": 20, "grid": 2, "space": "tokens", "token_fill": "zero"},
+     {"n_samples": 20, "grid": 2, "space": "token", "token_baseline": "zero"}),
+    ("occlusion", {"fill": "black", "output": "logit", "window": 12, "stride": 6},
+     {"baseline": "black", "score": "logit", "window": 12, "stride": 6}),
+    ("occlusion", {"space": "tokens", "token_fill": "zero"},
+     {"space": "token", "token_baseline": "zero"}),
+])
+def test_deprecated_names_give_the_same_maps_with_a_warning(vit64, method, old, new) -> None:
+    """Old names and values (docs/conventions.md) work for one release: bit-identical maps and
+    one FutureWarning per old name or value; the new names warn about nothing."""
+    x = images_for(vit64, 2)
+    with pytest.warns(FutureWarning) as record:
+        before = attribute(method, vit64, x, [1, 3], seed=4, **old)
+    renamed = [k for k in old if k not in new]
+    if old.get("space") == "tokens":
+        renamed.append("space='tokens'")
+    messages = [str(w.message) for w in record if w.category is FutureWarning]
+    assert len(messages) == len(renamed)
+    for name in renamed:
+        assert any(f"{method}.{name}" in m and "deprecated" in m for m in messages), name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        after = attribute(method, vit64, x, [1, 3], seed=4, **new)
+    torch.testing.assert_close(before.maps, after.maps, atol=0, rtol=0)
+    torch.testing.assert_close(before.native, after.native, atol=0, rtol=0, equal_nan=True)
+    spec = get_method(method)
+    assert spec.current_names(old, warn=False) == new  # how recorded runs are read back
+    with pytest.warns(FutureWarning):
+        assert spec.make_params(**old) == spec.make_params(**new)
+
+
+@pytest.mark.parametrize(("method", "old", "new"), [
+    ("lime", "fill", "baseline"), ("kernel_shap", "output", "score"),
+    ("rise", "n_masks", "n_samples"), ("occlusion", "token_fill", "token_baseline"),
+])
+def test_old_and_new_name_together_is_an_error(method, old, new) -> None:
+    value = get_method(method).make_params()
+    with pytest.raises(ValueError, match="not both"):
+        get_method(method).make_params(**{old: getattr(value, new), new: getattr(value, new)})

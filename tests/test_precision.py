@@ -85,7 +85,7 @@ def test_bf16_maps_correlate_with_fp32(trained):
         trained.set_precision("fp32")
 
 
-SMALL = {"lime": {"n_samples": 24}, "kernel_shap": {"n_samples": 24}, "rise": {"n_masks": 16},
+SMALL = {"lime": {"n_samples": 24}, "kernel_shap": {"n_samples": 24}, "rise": {"n_samples": 16},
          "occlusion": {"window": 16, "stride": 16},
          "integrated_gradients": {"steps": 4}, "integrated_gradients_uniform": {"steps": 4},
          "gradient_shap": {"n_samples": 4}, "smoothgrad": {"n_samples": 2}}

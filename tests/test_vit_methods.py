@@ -16,7 +16,8 @@ from vitxai.methods.attention import (
     fuse_heads,
     rollout_row,
 )
-from vitxai.methods.lrp import linear_rule, matmul_rule, relevance_pass, residual_rule
+from vitxai.methods.lrp.chefer import relevance_pass
+from vitxai.methods.lrp.rules import linear_rule, matmul_rule, residual_rule
 
 
 def e0(b: int, n: int) -> torch.Tensor:
@@ -384,7 +385,7 @@ def test_chefer_last_layer_closed_form_and_shared_relevance(vit64):
 
 
 def test_patch_embedding_rule_conserves():
-    from vitxai.methods.lrp import patch_embedding_rule
+    from vitxai.methods.lrp.rules import patch_embedding_rule
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)

@@ -201,7 +201,11 @@ def _evaluate_settings(args: argparse.Namespace):
 
     groups = ["faithfulness", "localization", "complexity", "agreement"]
     groups += [g for g in ("sanity", "gae") if getattr(args, g, False)]
-    return EvaluateSettings(groups=groups, steps=args.steps, unit=args.unit,
+    if args.unit is not None:
+        warnings.warn("--unit is deprecated; use --space token|pixel", FutureWarning,
+                      stacklevel=2)
+        args.space = "token" if args.unit == "patch" else args.unit
+    return EvaluateSettings(groups=groups, steps=args.steps, space=args.space,
                             baseline=args.baseline, topk=args.topk,
                             sanity_images=args.sanity_images, seed=args.seed,
                             allow_missing=args.allow_missing)
@@ -250,7 +254,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
                            random_weights=args.random_weights, device=args.device).load_model()
     dataset = FolderDataset(args.image, transform=eval_transform(adapter.data_config))
     paths = explain(adapter, dataset, args.methods, args.out,
-                    category_index=args.category_index, method_params=overrides,
+                    targets=args.category_index, method_params=overrides,
                     seed=args.seed, class_names=_class_names(adapter))
     for p in paths:
         print(p)
@@ -299,10 +303,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _add_evaluate_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--steps", type=int, default=20, help="deletion/insertion steps")
-    g.add_argument("--unit", default="patch", choices=["patch", "pixel"],
-                   help="deletion/insertion unit")
-    g.add_argument("--baseline", default="zero", choices=["zero", "blur", "mean", "uniform"],
-                   help="what deleted units become (zero = the model's mean colour)")
+    g.add_argument("--space", choices=["token", "pixel"], default="token",
+                   help="what deletion/insertion removes: patch tokens (default; pixels for "
+                        "non-ViTs) or pixels")
+    g.add_argument("--unit", choices=["patch", "pixel"], help=argparse.SUPPRESS)  # deprecated
+    g.add_argument("--baseline", default="mean",
+                   choices=["mean", "blur", "image_mean", "uniform_normalized", "black",
+                            "white", "uniform", "zero"],
+                   help="what deleted units become: mean (the model's mean colour, default), "
+                        "blur, image_mean, uniform_normalized, ... (docs/conventions.md; zero "
+                        "is the deprecated name of mean)")
     g.add_argument("--topk", type=float, default=0.1,
                    help="share of patches in the top-k of the rank-agreement metrics")
     g.add_argument("--sanity", action="store_true",

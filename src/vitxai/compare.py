@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from vitxai import __version__
 from vitxai.data.datasets import Batch, ImageDataset, select_indices
 from vitxai.masks import MaskParams
-from vitxai.methods.base import stable_seed
+from vitxai.methods.base import get_method, stable_seed
 from vitxai.metrics.agreement import mask_vs_truth, overlap_matrices
 from vitxai.metrics.localization import mass_inside, pointing_game
 from vitxai.metrics.scores import MASK_PAIR_SCORES, TRUTH_SCORES
@@ -124,12 +124,39 @@ def run_config(adapter: ModelAdapter, dataset: ImageDataset, settings: CompareSe
         "n_images": len(indices),
         "source": dict(source or {}),
     }
-    result["fingerprint"] = f"{stable_seed(json.dumps(result, sort_keys=True, default=str)):x}"
+    result["fingerprint"] = fingerprint(result)
     result["batch_size"] = settings.batch_size
     result["notes"] = list(notes)
     result["versions"] = _versions()
     result["command"] = " ".join(sys.argv)
     return result
+
+
+#: config keys that do not change results, left out of the fingerprint
+UNFINGERPRINTED = ("fingerprint", "batch_size", "notes", "versions", "command")
+
+
+def fingerprint(record: Mapping[str, Any]) -> str:
+    """Hex digest of everything in a run's record that changes its results."""
+    kept = {k: v for k, v in record.items() if k not in UNFINGERPRINTED}
+    return f"{stable_seed(json.dumps(kept, sort_keys=True, default=str)):x}"
+
+
+def renamed_run(out: str | Path, current: str) -> tuple[str, ...]:
+    """The fingerprint recorded by the run in ``out`` when it is this run (fingerprint
+    ``current``) recorded with deprecated parameter names (docs/conventions.md): translated
+    to today's names, its record has the current fingerprint, so it resumes. Else empty."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return ()
+    try:
+        record = json.loads(path.read_text())
+        record["methods"] = {name: get_method(name).current_names(params, warn=False)
+                             for name, params in record["methods"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ()  # damaged or foreign: the store says so
+    old = record.get("fingerprint")
+    return (old,) if old != current and fingerprint(record) == current else ()
 
 
 def _truth_scores(prefix: str, maps: torch.Tensor, masks: np.ndarray, truth: torch.Tensor | None,
@@ -307,7 +334,8 @@ def compare(adapter: ModelAdapter, dataset: ImageDataset, out: str | Path,
     if sample_index not in indices:
         indices = sorted([*indices, sample_index])
     config = run_config(adapter, dataset, s, params, indices, notes, source)
-    with RunStore(out, config, overwrite=overwrite) as store:
+    renamed = () if overwrite else renamed_run(out, config["fingerprint"])
+    with RunStore(out, config, overwrite=overwrite, same_run=renamed) as store:
         _run_batches(adapter, dataset, store, s, params, indices, sample_index, progress)
         if not store.manifest["done"]:
             raise ValueError(

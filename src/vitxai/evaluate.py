@@ -61,9 +61,11 @@ class EvaluateSettings:
         groups: any of :data:`ALL_GROUPS`; "sanity" and "gae" recompute maps and are off by
             default.
         steps: deletion/insertion steps.
-        unit: "patch" (the ViT patch grid, default) or "pixel" for deletion/insertion.
-        baseline: perturbation baseline ("zero" = the model's mean colour, "blur", "mean",
-            "uniform").
+        space: what deletion/insertion removes: "token" (the ViT patch grid, default; pixels
+            for other models) or "pixel".
+        baseline: what deleted units become, named as every baseline (docs/conventions.md):
+            "mean" (the model's mean colour, default), "blur", "image_mean",
+            "uniform_normalized", ...; see :func:`vitxai.metrics.faithfulness.baseline_images`.
         topk: share of patches in the top-k of the rank-agreement metrics, in (0, 1].
         batch_size: images per model call.
         images_per_step: images evaluated together.
@@ -75,8 +77,8 @@ class EvaluateSettings:
 
     groups: Sequence[str] = ("faithfulness", "localization", "complexity", "agreement")
     steps: int = 20
-    unit: str = "patch"
-    baseline: str = "zero"
+    space: str = "token"
+    baseline: str = "mean"
     topk: float = 0.1
     batch_size: int = 64
     images_per_step: int = 4
@@ -102,15 +104,16 @@ def _patch_scores(maps: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
 
 def _image_scores(adapter: ModelAdapter, images: torch.Tensor, maps: torch.Tensor,
                   targets: torch.Tensor, s: EvaluateSettings, truth: torch.Tensor | None,
-                  other: torch.Tensor | None) -> dict[str, np.ndarray]:
+                  other: torch.Tensor | None, image_ids: Sequence[int]
+                  ) -> dict[str, np.ndarray]:
     from vitxai.metrics import complexity, faithfulness, localization
 
     out: dict[str, np.ndarray] = {}
     b = images.shape[0]
     if "faithfulness" in s.groups:
-        unit = s.unit if adapter.is_vit or s.unit != "patch" else "pixel"
-        kw = {"steps": s.steps, "unit": unit, "baseline": s.baseline,
-              "batch_size": s.batch_size, "seed": s.seed}
+        space = s.space if adapter.is_vit or s.space != "token" else "pixel"
+        kw = {"steps": s.steps, "space": space, "baseline": s.baseline,
+              "batch_size": s.batch_size, "seed": s.seed, "image_ids": image_ids}
         for mode in ("deletion", "insertion"):
             curves, fractions = faithfulness.perturbation_curve(
                 adapter, images, maps, targets, mode=mode, order="morf", **kw)
@@ -118,7 +121,7 @@ def _image_scores(adapter: ModelAdapter, images: torch.Tensor, maps: torch.Tenso
             out[f"{mode}_curve"] = curves.double().numpy()
         out["single_deletion"] = faithfulness.single_deletion(
             adapter, images, maps, targets, baseline=s.baseline, batch_size=s.batch_size,
-            seed=s.seed).double().numpy()
+            seed=s.seed, image_ids=image_ids).double().numpy()
     if "localization" in s.groups and truth is not None:
         m, t = maps.numpy(), truth.numpy()
         out["pointing_game"] = np.array([localization.pointing_game(m[i], t[i])
@@ -211,7 +214,7 @@ def _evaluate(root: Path, adapter: ModelAdapter, dataset: ImageDataset, s: Evalu
         for name in names:
             maps = saved[f"{name}.map"][sel].to(adapter.dtype)
             scores = _image_scores(adapter, images, maps.to(adapter.device), targets, s,
-                                   truth, other)
+                                   truth, other, indices[sel])
             for i, index in enumerate(indices[sel]):
                 rows.append({"index": index, "method": name, **{
                     k: float(v[i]) for k, v in scores.items() if not k.endswith("_curve")}})

@@ -9,6 +9,7 @@ clipped), bilinearly at input size, JET over the image
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,17 @@ __all__ = ["explain", "overlay"]
 
 
 def explain(adapter: ModelAdapter, dataset: ImageDataset, methods: Sequence[str],
-            out: str | Path, *, category_index: int | None = None,
+            out: str | Path, *, targets: int | None = None,
             method_params: Mapping[str, Mapping[str, Any]] | None = None,
-            batch_size: int = 4, seed: int = 0, class_names: Mapping[int, str] | None = None
-            ) -> list[Path]:
+            batch_size: int = 4, seed: int = 0, class_names: Mapping[int, str] | None = None,
+            category_index: int | None = None) -> list[Path]:
     """Write overlay figures and maps for every image of ``dataset``.
 
     Args:
         methods: registry names or aliases.
-        category_index: the class to explain; None = each image's prediction.
+        targets: the class to explain for every image; None = each image's prediction.
         method_params: per-method parameter overrides.
+        category_index: deprecated name of ``targets`` (vit-explain's; until vitxai 0.3).
 
     Returns:
         The figure paths, in dataset order.
@@ -45,7 +47,11 @@ def explain(adapter: ModelAdapter, dataset: ImageDataset, methods: Sequence[str]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = class_names or {}
-    target = "prediction" if category_index is None else int(category_index)
+    if category_index is not None:
+        warnings.warn("explain(category_index=...) is deprecated; pass targets=",
+                      FutureWarning, stacklevel=2)
+        targets = category_index
+    target = "prediction" if targets is None else int(targets)
     written: list[Path] = []
     for batch, run in run_batches(adapter, dataset, range(len(dataset)), params,
                                   batch_size=batch_size, seed=seed, target=target):

@@ -211,11 +211,14 @@ class RunStore:
             ``config["fingerprint"]`` must match, else :class:`RunDirectoryError`.
         overwrite: start afresh, removing every artefact of the run ``root`` holds (rows,
             maps, figures and derived results); files vitxai did not write are left alone.
+        same_run: earlier fingerprints of this very run (recorded under names since
+            renamed); a run recorded with one of them is continued, not refused.
     """
 
-    def __init__(self, root: str | Path, config: Mapping[str, Any], overwrite: bool = False
-                 ) -> None:
+    def __init__(self, root: str | Path, config: Mapping[str, Any], overwrite: bool = False,
+                 same_run: Sequence[str] = ()) -> None:
         self.root = Path(root)
+        self.same_run = tuple(same_run)
         self.figures = self.root / "figures"
         self.maps = self.root / "maps"
         self.fingerprint = config.get("fingerprint")
@@ -241,7 +244,7 @@ class RunStore:
         config_path = self.root / CONFIG
         if config_path.exists() and not overwrite:
             previous = read_json(config_path)
-            if previous.get("fingerprint") != self.fingerprint:
+            if previous.get("fingerprint") not in (self.fingerprint, *self.same_run):
                 raise RunDirectoryError(
                     f"{self.root} holds a different run (other settings); choose a new run "
                     "directory or overwrite it"
@@ -254,6 +257,10 @@ class RunStore:
             self.manifest = read_json(manifest_path)
             self.manifest.setdefault("committed", self._legacy_lengths())
             self.manifest.setdefault("maps", None)
+            if self.manifest.get("fingerprint") in self.same_run:  # map files keep their owner
+                self.manifest["previous_fingerprints"] = [
+                    *self.manifest.get("previous_fingerprints", []), self.manifest["fingerprint"]]
+                self.manifest["fingerprint"] = self.fingerprint
         else:  # nothing was ever committed: whatever rows or maps exist are not this run's
             self.manifest = _fresh_manifest(self.fingerprint)
         self._roll_back()
@@ -473,7 +480,7 @@ def read_maps(root: str | Path, *, allow_missing: bool = False
     root = Path(root)
     manifest = read_json(root / MANIFEST) if (root / MANIFEST).is_file() else {}
     committed = manifest.get("maps")
-    fingerprint = manifest.get("fingerprint")
+    owners = {manifest.get("fingerprint"), *manifest.get("previous_fingerprints", [])}
     if committed is None:  # runs written before the journal
         committed = {f.name: None for f in sorted((root / "maps").glob("batch_*.safetensors"))}
     if not committed:
@@ -487,7 +494,7 @@ def read_maps(root: str | Path, *, allow_missing: bool = False
                 raise RunDirectoryError("missing")
             with safe_open(str(path), framework="pt") as f:
                 owner = (f.metadata() or {}).get("fingerprint")
-                if fingerprint and owner and owner != fingerprint:
+                if manifest.get("fingerprint") and owner and owner not in owners:
                     raise RunDirectoryError(f"belongs to run {owner}")
                 parts.append({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error type

@@ -1,9 +1,7 @@
 """Attribution methods: importing this package fills the registry."""
 
 from vitxai.methods import (  # noqa: F401  (registration)
-    abslrp,
     attention,
-    attnlrp,
     gradient,
     lrp,
     perturbation,

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from vitxai.models.adapter import ModelAdapter, ViTAdapter
 
 NativeKind = Literal["patch", "superpixel", "pixel"]
+#: what a perturbation method reads from the model: the target's softmax probability or logit
+Score = Literal["probability", "logit"]
+SCORES: tuple[str, ...] = ("probability", "logit")
 
 
 @dataclass
@@ -147,7 +150,7 @@ class MethodSpec:
 
 
 #: old spellings of parameter values, accepted with a warning for one release
-RENAMED_VALUES: dict[str, dict[str, str]] = {}
+RENAMED_VALUES: dict[str, dict[str, str]] = {"space": {"tokens": "token"}}
 
 METHODS: dict[str, MethodSpec] = {}
 _ALIASES: dict[str, str] = {}
@@ -275,6 +278,77 @@ def to_patch_map(adapter: ViTAdapter, row: torch.Tensor, images: torch.Tensor) -
     full = F.interpolate(wide, size=images.shape[-2:], mode="bilinear",
                          align_corners=False)[:, 0]
     return native, full
+
+
+Baseline = (Literal["mean", "black", "white", "uniform", "uniform_normalized", "blur",
+                    "image_mean"] | float)
+BASELINES: tuple[str, ...] = ("mean", "black", "white", "uniform", "uniform_normalized", "blur",
+                              "image_mean")
+# IDSDS's blur baseline (torchvision gaussian_blur, kernel 51, sigma 41)
+BLUR_KERNEL = 51
+BLUR_SIGMA = 41.0
+
+
+def check_baseline(name: str, value: Any) -> None:
+    """Raise a one-line ValueError unless ``value`` is a :data:`Baseline`."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number and value not in BASELINES:
+        raise ValueError(
+            f"parameter {name}={value!r} must be one of {', '.join(map(repr, BASELINES))} "
+            "or a number"
+        )
+
+
+def make_baseline(adapter: ModelAdapter, images: torch.Tensor, baseline: Baseline,
+                  context: BatchContext, purpose: str) -> torch.Tensor:
+    """A (B, 3, H, W) baseline in pixel space.
+
+    One vocabulary for methods and metrics (docs/conventions.md):
+
+    - "mean": the model's mean colour, i.e. zero of the normalised input (captum's default zero
+      baseline on normalised tensors, used by the original comparison, and IDSDS's "zeros");
+    - "black", "white", or a float: that grey level;
+    - "uniform": U(0, 1) pixel noise drawn per image from its own generator;
+    - "uniform_normalized": U(−1, 1) noise in *normalised* units (IDSDS's IG-U, RISE-U and
+      "uniform" deletion baseline), i.e. μ + σ·u in pixels (values may leave [0, 1]), drawn
+      per image from its own generator (IDSDS draws one for the whole run; ours depends only
+      on the seed and the image id);
+    - "blur": each image blurred with torchvision's ``gaussian_blur``, kernel 51, σ = 41
+      (IDSDS; the blur commutes with the per-channel normalisation). Images under 26 px use
+      the largest odd kernel that reflection padding allows;
+    - "image_mean": each image's own mean colour per channel.
+
+    Random baselines are drawn from ``context.generator(i, purpose)``.
+    """
+    check_baseline("baseline", baseline)
+    if isinstance(baseline, int | float):
+        return torch.full_like(images, float(baseline))
+    if baseline == "mean":
+        return adapter.mean.expand_as(images).clone()
+    if baseline == "black":
+        return torch.zeros_like(images)
+    if baseline == "white":
+        return torch.ones_like(images)
+    if baseline == "blur":
+        from torchvision.transforms.functional import gaussian_blur
+
+        # reflection padding needs kernel // 2 < min(H, W)
+        k = min(BLUR_KERNEL, 2 * min(images.shape[-2:]) - 1)
+        return gaussian_blur(images, [k, k], [BLUR_SIGMA, BLUR_SIGMA])
+    if baseline == "image_mean":
+        return images.mean((2, 3), keepdim=True).expand_as(images).clone()
+    if baseline == "uniform":
+        return torch.stack([
+            torch.rand(images.shape[1:], generator=context.generator(i, purpose))
+            for i in range(images.shape[0])
+        ]).to(images)
+    # "uniform_normalized", the only name left after check_baseline
+    u = torch.stack([
+        2 * torch.rand(images.shape[1:], generator=context.generator(i, purpose),
+                       dtype=torch.float64) - 1
+        for i in range(images.shape[0])
+    ]).to(images)
+    return adapter.mean + adapter.std * u
 
 
 def resolve_targets(adapter: ModelAdapter, images: torch.Tensor,

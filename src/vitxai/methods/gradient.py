@@ -23,7 +23,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -31,63 +31,19 @@ import torch
 from vitxai.batching import AdaptiveBatch, default_batch_size, run_chunked
 from vitxai.methods.base import (
     Attribution,
+    Baseline,
     BatchContext,
     Cost,
+    check_baseline,
+    make_baseline,
     pixel_attribution,
     register_method,
 )
 from vitxai.models.adapter import ModelAdapter
 from vitxai.params import check_batch_size, check_choice, check_range
 
-Baseline = Literal["mean", "black", "white", "uniform", "uniform_normalized"] | float
-BASELINES: tuple[str, ...] = ("mean", "black", "white", "uniform", "uniform_normalized")
 InputSpace = Literal["normalized", "pixel"]
 INPUT_SPACES: tuple[str, ...] = ("normalized", "pixel")
-
-
-def check_baseline(name: str, value: Any) -> None:
-    """Raise a one-line ValueError unless ``value`` is a :data:`Baseline`."""
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    if not number and value not in BASELINES:
-        raise ValueError(
-            f"parameter {name}={value!r} must be one of {', '.join(map(repr, BASELINES))} "
-            "or a number"
-        )
-
-
-def make_baseline(adapter: ModelAdapter, images: torch.Tensor, baseline: Baseline,
-                  context: BatchContext, purpose: str) -> torch.Tensor:
-    """A (B, 3, H, W) baseline in pixel space.
-
-    "mean": the model's mean colour, i.e. zero of the normalised input (captum's default zero
-    baseline on normalised tensors, used by the original comparison, and IDSDS's "zeros");
-    "black"; "white"; "uniform": U(0, 1) pixel noise drawn per image from its own generator;
-    "uniform_normalized": U(−1, 1) noise in *normalised* units (IDSDS's IG-U and RISE-U
-    baseline), i.e. μ + σ·u in pixels, drawn per image from its own generator (IDSDS draws one
-    for the whole run; ours depends only on the seed and the image id); a float: that grey
-    level. Random baselines are drawn from ``context.generator(i, purpose)``.
-    """
-    check_baseline("baseline", baseline)
-    if isinstance(baseline, int | float):
-        return torch.full_like(images, float(baseline))
-    if baseline == "mean":
-        return adapter.mean.expand_as(images).clone()
-    if baseline == "black":
-        return torch.zeros_like(images)
-    if baseline == "white":
-        return torch.ones_like(images)
-    if baseline == "uniform":
-        return torch.stack([
-            torch.rand(images.shape[1:], generator=context.generator(i, purpose))
-            for i in range(images.shape[0])
-        ]).to(images)
-    # "uniform_normalized", the only name left after check_baseline
-    u = torch.stack([
-        2 * torch.rand(images.shape[1:], generator=context.generator(i, purpose),
-                       dtype=torch.float64) - 1
-        for i in range(images.shape[0])
-    ]).to(images)
-    return adapter.mean + adapter.std * u
 
 
 def target_gradient(adapter: ModelAdapter, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

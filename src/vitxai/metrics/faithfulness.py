@@ -31,17 +31,23 @@ Baselines (what a deleted pixel becomes), all stated in pixel space, see :func:`
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torchvision.transforms.functional import gaussian_blur
 
-from vitxai.methods.base import resolve_targets, stable_seed
+from vitxai.methods.base import (
+    Baseline,
+    BatchContext,
+    Score,
+    make_baseline,
+    resolve_targets,
+)
 from vitxai.models.adapter import ModelAdapter
 
-PerturbationBaseline = Literal["zero", "blur", "mean", "uniform"]
-Output = Literal["probability", "logit"]
+# metrics' names before the one vocabulary (docs/conventions.md)
+_RENAMED_BASELINES = {"zero": "mean", "uniform": "uniform_normalized"}
 Transform = Literal["raw", "abs", "relu"]
 Targets = torch.Tensor | Sequence[int] | int | None
 
@@ -59,9 +65,6 @@ __all__ = [
     "stable_ranking",
 ]
 
-# IDSDS's blur baseline (torchvision gaussian_blur, kernel 51, sigma 41)
-BLUR_KERNEL = 51
-BLUR_SIGMA = 41.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,45 +188,26 @@ def _positions(ranking: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(ranking).scatter_(1, ranking, ar)
 
 
-def _blur_kernel(h: int, w: int) -> int:
-    # torchvision pads by reflection, which needs kernel // 2 < min(H, W): below 26 px the
-    # kernel shrinks to the largest odd size that fits
-    return min(BLUR_KERNEL, 2 * min(h, w) - 1)
-
-
-def baseline_images(adapter: ModelAdapter, images: torch.Tensor,
-                    baseline: PerturbationBaseline, *, seed: int = 0) -> torch.Tensor:
+def baseline_images(adapter: ModelAdapter, images: torch.Tensor, baseline: Baseline, *,
+                    seed: int = 0, image_ids: Sequence[Any] | None = None) -> torch.Tensor:
     """The (B, 3, H, W) image a fully deleted input becomes, in pixel space.
 
-    * "zero": zero of the model's normalised input space, i.e. the model's mean colour
-      ``adapter.mean`` everywhere (IDSDS's default; grey for mean = std = 0.5).
-    * "blur": each image blurred with torchvision's ``gaussian_blur``, kernel 51, σ = 41 (IDSDS;
-      the blur commutes with the per-channel normalisation, so blurring in pixel space equals
-      blurring the normalised image). Images smaller than 26 px use the largest odd kernel that
-      reflection padding allows.
-    * "mean": each image's own mean colour (per channel), constant over the image.
-    * "uniform": U(−1, 1) noise in normalised space, i.e. ``mean + std·u`` in pixel space (values
-      may leave [0, 1], as in IDSDS); drawn per image from a CPU generator seeded with
-      (``seed``, position in the batch), so the draw does not depend on the device.
+    ``baseline`` takes the names of every method's baseline (:func:`~vitxai.methods.base.
+    make_baseline`): "mean" (the model's mean colour, IDSDS's "zeros"), "blur" (IDSDS),
+    "uniform_normalized" (IDSDS's "uniform"), "image_mean", "black", "white", "uniform" or a
+    grey level. Random ones are drawn per image from (``seed``, image id), so an image's
+    baseline does not depend on its batch; ``image_ids`` default to the batch positions.
+    Deprecated names (until vitxai 0.3): "zero" for "mean"; "uniform" here meant
+    "uniform_normalized".
     """
     images = torch.as_tensor(images)
-    b, _, h, w = images.shape
-    mean = adapter.mean.to(images)
-    if baseline == "zero":
-        return mean.expand_as(images).clone()
-    if baseline == "blur":
-        k = _blur_kernel(h, w)
-        return gaussian_blur(images, [k, k], [BLUR_SIGMA, BLUR_SIGMA])
-    if baseline == "mean":
-        return images.mean((2, 3), keepdim=True).expand_as(images).clone()
-    if baseline == "uniform":
-        u = torch.stack([
-            torch.rand(images.shape[1:], dtype=torch.float64,
-                       generator=torch.Generator().manual_seed(stable_seed(seed, i, "uniform")))
-            for i in range(b)
-        ]).to(images)
-        return mean + adapter.std.to(images) * (2 * u - 1)
-    raise ValueError(f"baseline must be 'zero', 'blur', 'mean' or 'uniform', got {baseline!r}")
+    if baseline in _RENAMED_BASELINES:
+        new = _RENAMED_BASELINES[baseline]
+        warnings.warn(f"deletion baseline {baseline!r} is deprecated; call it {new!r}",
+                      FutureWarning, stacklevel=3)
+        baseline = new
+    context = BatchContext.for_batch(images.shape[0], seed, image_ids)
+    return make_baseline(adapter, images, baseline, context, "uniform")
 
 
 def grid_cell_sums(maps: torch.Tensor, cell: tuple[int, int]) -> torch.Tensor:
@@ -263,17 +247,23 @@ def _check_inputs(adapter: ModelAdapter, images: torch.Tensor, maps: torch.Tenso
     return images, m, t
 
 
-def _read(logits: torch.Tensor, targets: torch.Tensor, output: Output) -> torch.Tensor:
-    if output == "probability":
+def _deprecated(old: str, new: str, value: Any) -> Any:
+    warnings.warn(f"{old}= is deprecated; call it {new}= (docs/conventions.md)", FutureWarning,
+                  stacklevel=3)
+    return value
+
+
+def _read(logits: torch.Tensor, targets: torch.Tensor, score: Score) -> torch.Tensor:
+    if score == "probability":
         logits = logits.softmax(1)
-    elif output != "logit":
-        raise ValueError(f"output must be 'probability' or 'logit', got {output!r}")
+    elif score != "logit":
+        raise ValueError(f"score must be 'probability' or 'logit', got {score!r}")
     return logits.gather(1, targets[:, None])[:, 0].double()
 
 
 def _evaluate(adapter: ModelAdapter, total: int,
               make: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-              output: Output, batch_size: int) -> torch.Tensor:
+              score: Score, batch_size: int) -> torch.Tensor:
     """The target output for ``total`` perturbed images built ``batch_size`` at a time.
 
     ``make(flat)`` returns the images and targets of the flat indices ``flat`` (M,).
@@ -285,7 +275,7 @@ def _evaluate(adapter: ModelAdapter, total: int,
         for lo in range(0, total, batch_size):
             flat = torch.arange(lo, min(lo + batch_size, total), device=adapter.device)
             x, t = make(flat)
-            out.append(_read(adapter.logits(x), t, output))
+            out.append(_read(adapter.logits(x), t, score))
     return torch.cat(out)
 
 
@@ -301,12 +291,15 @@ def perturbation_curve(
     *,
     order: Literal["morf", "lerf"] = "morf",
     mode: Literal["deletion", "insertion"] = "deletion",
-    unit: Literal["pixel", "patch"] | int = "pixel",
+    space: Literal["pixel", "token"] | int = "pixel",
     steps: int = 20,
-    baseline: PerturbationBaseline = "zero",
-    output: Output = "probability",
+    baseline: Baseline = "mean",
+    score: Score = "probability",
     batch_size: int = 64,
     seed: int = 0,
+    image_ids: Sequence[Any] | None = None,
+    unit: Literal["pixel", "patch"] | int | None = None,
+    output: Score | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Deletion or insertion curve of each map (Petsiuk et al. 2018, BMVC).
 
@@ -326,18 +319,19 @@ def perturbation_curve(
         targets: class per image; None = the model's prediction.
         order: "morf" or "lerf".
         mode: "deletion" or "insertion".
-        unit: "pixel"; "patch" = the ViT's patch grid (``adapter.patch_size``); or an int cell
-            size in pixels that tiles the image.
+        space: the units deleted: "pixel"; "token" = the ViT's patch grid
+            (``adapter.patch_size``); or an int cell size in pixels that tiles the image.
         steps: number of perturbation steps, ≥ 1 (the curve has steps + 1 points).
-        baseline: "zero", "blur", "mean" or "uniform", see :func:`baseline_images`.
-        output: "probability" (softmax of the target) or "logit" (pre-softmax).
+        baseline: see :func:`baseline_images` (default "mean", the model's mean colour).
+        score: "probability" (softmax of the target) or "logit" (pre-softmax).
         batch_size: perturbed images per model call.
-        seed: seeds the "uniform" baseline.
+        seed, image_ids: seed random baselines per image (ids default to batch positions).
+        unit, output: deprecated names of ``space`` ("patch" = "token") and ``score``.
 
     Returns:
         (curves, fractions): curves (B, steps + 1) float64 on the CPU; fractions (steps + 1,)
         float64 = k_s / U, the exact share of units perturbed, from 0 to 1 (the x axis of
-        :func:`auc`). With output="probability" curves lie in [0, 1]. Lower deletion AUC and
+        :func:`auc`). With score="probability" curves lie in [0, 1]. Lower deletion AUC and
         higher insertion AUC (MoRF) mean a more faithful map.
     """
     if steps < 1:
@@ -348,22 +342,26 @@ def perturbation_curve(
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     images, m, t = _check_inputs(adapter, images, maps, targets)
     b, _, h, w = images.shape
-    if unit == "pixel":
+    if unit is not None:
+        space = _deprecated("unit", "space", "token" if unit == "patch" else unit)
+    if output is not None:
+        score = _deprecated("output", "score", output)
+    if space == "pixel":
         cell = (1, 1)
-    elif unit == "patch":
+    elif space == "token":
         if not hasattr(adapter, "patch_size"):
-            raise ValueError("unit='patch' needs a ViT adapter; pass an int cell size instead")
+            raise ValueError("space='token' needs a ViT adapter; pass an int cell size instead")
         cell = tuple(adapter.patch_size)
-    elif isinstance(unit, int) and not isinstance(unit, bool):
-        cell = (unit, unit)
+    elif isinstance(space, int) and not isinstance(space, bool):
+        cell = (space, space)
     else:
-        raise ValueError(f"unit must be 'pixel', 'patch' or an int, got {unit!r}")
+        raise ValueError(f"space must be 'pixel', 'token' or an int, got {space!r}")
     scores = grid_cell_sums(m, cell)
     grid = (h // cell[0], w // cell[1])
     n_units = scores.shape[1]
     positions = _positions(stable_ranking(scores, descending=order == "morf"))
     counts = torch.arange(steps + 1, device=images.device) * n_units // steps
-    base = baseline_images(adapter, images, baseline, seed=seed)
+    base = baseline_images(adapter, images, baseline, seed=seed, image_ids=image_ids)
     # deletion perturbs towards the baseline; insertion starts there and restores the image
     start, end = (images, base) if mode == "deletion" else (base, images)
     k = steps + 1
@@ -374,7 +372,7 @@ def perturbation_curve(
         mask = _unit_masks(perturbed, grid, cell)
         return torch.where(mask, end[bi], start[bi]), t[bi]
 
-    curves = _evaluate(adapter, b * k, make, output, batch_size).reshape(b, k).cpu()
+    curves = _evaluate(adapter, b * k, make, score, batch_size).reshape(b, k).cpu()
     return curves, (counts.double() / n_units).cpu()
 
 
@@ -408,10 +406,11 @@ def single_deletion(
     targets: Targets = None,
     *,
     grid: int = 4,
-    baseline: PerturbationBaseline = "zero",
+    baseline: Baseline = "mean",
     transform: Transform = "raw",
     batch_size: int = 64,
     seed: int = 0,
+    image_ids: Sequence[Any] | None = None,
 ) -> torch.Tensor:
     """Single-deletion score (IDSDS on a model fine-tuned with cell deletions; Hesse et al.
     2024, NeurIPS D&B).
@@ -426,10 +425,10 @@ def single_deletion(
             labels as targets.
         maps: (B, H, W) or (B, C, H, W); channels are summed, then ``transform`` applied.
         grid: cells per side; the cells must tile the image.
-        baseline: see :func:`baseline_images`; IDSDS's default is "zero".
+        baseline: see :func:`baseline_images`; IDSDS's default "zeros" is "mean".
         transform: "raw", "abs" or "relu", applied after the channel sum (IDSDS's order).
         batch_size: images per model call.
-        seed: seeds the "uniform" baseline.
+        seed, image_ids: seed random baselines per image (ids default to batch positions).
 
     Returns:
         (B,) float64 ρ in [−1, 1]; NaN where the cell sums (or the drops) are constant, for
@@ -442,7 +441,7 @@ def single_deletion(
     cell = (h // grid, w // grid)
     n = grid * grid
     a = grid_cell_sums(m, cell)
-    base = baseline_images(adapter, images, baseline, seed=seed)
+    base = baseline_images(adapter, images, baseline, seed=seed, image_ids=image_ids)
     # row j = 0 is the original image, row j = k + 1 deletes cell k
     one_hot = torch.eye(n + 1, dtype=torch.bool, device=images.device)[:, 1:]
 
@@ -464,11 +463,12 @@ def incremental_deletion(
     *,
     steps: int = 32,
     order: Literal["ascending", "descending"] = "ascending",
-    baseline: PerturbationBaseline = "zero",
+    baseline: Baseline = "mean",
     transform: Transform = "raw",
     reattribute: Callable[[torch.Tensor], torch.Tensor] | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    image_ids: Sequence[Any] | None = None,
 ) -> torch.Tensor:
     """Incremental-deletion score (Hesse et al. 2024, NeurIPS D&B).
 
@@ -495,7 +495,7 @@ def incremental_deletion(
         reattribute: ``reattribute(images_now) -> maps`` for the (B, 3, H, W) current images
             (targets are the caller's to close over).
         batch_size: images per model call.
-        seed: seeds the "uniform" baseline.
+        seed, image_ids: seed random baselines per image (ids default to batch positions).
 
     Returns:
         (B,) float64 mean probability in [0, 1].
@@ -509,7 +509,7 @@ def incremental_deletion(
     n_pix = h * w
     descending = order == "descending"
     counts = torch.arange(steps, device=images.device) * n_pix // steps
-    base = baseline_images(adapter, images, baseline, seed=seed)
+    base = baseline_images(adapter, images, baseline, seed=seed, image_ids=image_ids)
 
     if reattribute is None:
         positions = _positions(stable_ranking(m.reshape(b, -1), descending))

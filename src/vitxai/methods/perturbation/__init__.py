@@ -2,16 +2,17 @@
 
 Every method here evaluates the model on many masked copies of each image through
 :func:`evaluate_masks` (chunked, batched, under ``inference_mode``, memory bounded by
-``batch_size`` images). A mask says what is kept; the rest is either filled in pixel space
-(``space="pixel"``: a colour or baseline image) or, for ViTs, replaced at the token level
-(``space="tokens"``: a forward hook on ``patch_embed`` swaps the embeddings of masked patches for
-a fill embedding, keeping the sequence length, see :func:`token_masking`). In token space the
+``batch_size`` images). A mask says what is kept; the rest is either replaced in pixel space
+(``space="pixel"``: by ``baseline``, a colour or baseline image) or, for ViTs, at the token
+level (``space="token"``: a forward hook on ``patch_embed`` swaps the embeddings of masked
+patches for the ``token_baseline`` embedding, keeping the sequence length, see
+:func:`token_masking`). In token space the
 features live on the patch grid: LIME and KernelSHAP use every patch as a feature (instead of
 superpixels), RISE draws its masks on the patch grid, and occlusion slides its window over it;
 maps are then (B, gh, gw) "patch" natives, nearest-upsampled so each pixel gets its patch's value.
 
 LIME and KernelSHAP explain a prediction by switching features off, evaluating the model on many
-such coalitions, and fitting a linear model of the target output on the binary "kept"
+such coalitions, and fitting a linear model of the target score on the binary "kept"
 indicators:
 
 * **LIME** (Ribeiro et al. 2016, "Why should I trust you?", KDD), as ``lime_image`` 0.2.0.1:
@@ -23,20 +24,20 @@ indicators:
 
 What the original comparison got wrong and this package fixes (docs/differences.md §8): the
 superpixels are computed on the displayable [0, 1] image, not the normalised one (defect 4);
-images are never transposed (defect 2); the fitted output is the target's softmax probability
-by default, logits only on request (defect 3); every random draw is seeded per image (defect
-15); and perturbed images are evaluated in chunks of ``batch_size`` instead of one at a time
-(defect 19). The segmentation of a batch is computed once and shared by both methods through
-the :class:`~vitxai.methods.base.BatchContext` cache.
+images are never transposed (defect 2); the fitted score is the target's softmax probability
+by default, logits only on request (``score="logit"``, defect 3); every random draw is seeded
+per image (defect 15); and perturbed images are evaluated in chunks of ``batch_size`` instead of
+one at a time (defect 19). The segmentation of a batch is computed once and shared by both
+methods through the :class:`~vitxai.methods.base.BatchContext` cache.
 
 * **RISE** (Petsiuk, Das & Saenko 2018, "RISE: Randomized Input Sampling for Explanation of
   Black-box Models", BMVC): saliency = Σ_i p_c(M_i ⊙ x + (1 − M_i) ⊙ x′)·M_i / (N·p1) over
   random smooth masks M_i.
 * **Occlusion** (Zeiler & Fergus 2014, "Visualizing and Understanding Convolutional Networks",
   ECCV): a pixel's attribution is the mean, over the sliding windows covering it, of
-  f(x) − f(x with the window filled).
+  f(x) − f(x with the window set to the baseline).
 
-Modules: ``tokens`` (token masking, the patch grid), ``engine`` (masks → model outputs),
+Modules: ``tokens`` (token masking, the patch grid), ``engine`` (masks → model scores),
 ``segmentation`` (superpixels), ``features`` (LIME's and KernelSHAP's features and their maps),
 and one module per method: ``lime``, ``kernel_shap``, ``rise``, ``occlusion``; importing this
 package registers the four methods. The method functions are reached through the registry
@@ -48,13 +49,12 @@ package registers the four methods. The method functions are reached through the
 from vitxai.methods.perturbation import lime, kernel_shap, rise, occlusion  # noqa: F401
 # isort: on
 from vitxai.methods.perturbation.engine import (
-    Fill,
+    ColourBaseline,
     MaskFn,
-    Output,
     Space,
+    baseline_colour,
     evaluate_coalitions,
     evaluate_masks,
-    fill_colour,
 )
 from vitxai.methods.perturbation.features import patch_segments
 from vitxai.methods.perturbation.kernel_shap import (
@@ -77,24 +77,23 @@ from vitxai.methods.perturbation.segmentation import (
     segment,
     shared_segments,
 )
-from vitxai.methods.perturbation.tokens import TokenFill, TokenMask, patch_map, token_masking
+from vitxai.methods.perturbation.tokens import TokenBaseline, TokenMask, patch_map, token_masking
 
 __all__ = [
-    "Fill",
+    "ColourBaseline",
     "KernelShapParams",
     "LimeParams",
     "MaskFn",
     "OcclusionParams",
-    "Output",
     "RiseParams",
     "SegmentationParams",
     "Space",
-    "TokenFill",
+    "TokenBaseline",
     "TokenMask",
+    "baseline_colour",
     "constrained_shapley_fit",
     "evaluate_coalitions",
     "evaluate_masks",
-    "fill_colour",
     "kernel_shap_coalitions",
     "lime_coalitions",
     "lime_weights",

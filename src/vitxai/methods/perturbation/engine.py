@@ -1,9 +1,9 @@
-"""The perturbation engine: the model's target output on many masked copies of each image.
+"""The perturbation engine: the model's target score on many masked copies of each image.
 
 Every perturbation method evaluates the model through :func:`evaluate_masks` (chunked, batched,
 under ``inference_mode``, memory bounded by ``batch_size`` images). A mask says what is kept; the
-rest is either filled in pixel space (``space="pixel"``: a colour or baseline image) or, for
-ViTs, replaced at the token level (``space="tokens"``, see :func:`token_masking`).
+rest is either replaced by a baseline in pixel space (``space="pixel"``: a colour or baseline
+image) or, for ViTs, at the token level (``space="token"``, see :func:`token_masking`).
 :func:`evaluate_coalitions` turns feature coalitions into such masks (LIME, KernelSHAP).
 """
 
@@ -16,43 +16,51 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from vitxai.batching import AdaptiveBatch, default_batch_size, run_chunked
-from vitxai.methods.base import Attribution, Cost
-from vitxai.methods.perturbation.tokens import TokenFill, patch_map, token_masking
+from vitxai.methods.base import SCORES, Attribution, Cost, Score
+from vitxai.methods.perturbation.tokens import TokenBaseline, patch_map, token_masking
 from vitxai.params import check_choice, check_range
 
 if TYPE_CHECKING:
     from vitxai.models.adapter import ModelAdapter
 
-Output = Literal["probability", "logit"]
-Fill = Literal["mean", "black"] | float
-Space = Literal["pixel", "tokens"]
+#: a constant colour that removed pixels become: the model's mean colour, black or a grey level
+ColourBaseline = Literal["mean", "black"] | float
+Space = Literal["pixel", "token"]
 # masks(bi, ji) → keep masks of one chunk of (image, row) pairs, see evaluate_masks
 MaskFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def check_fill(fill: Any) -> None:
-    if isinstance(fill, str):
-        check_choice("fill", fill, ("mean", "black"))
-    elif isinstance(fill, (int, float)) and not isinstance(fill, bool):
-        check_range("fill", float(fill), 0.0, 1.0)
+def check_colour_baseline(baseline: Any) -> None:
+    """Raise a one-line ValueError unless ``baseline`` is a :data:`ColourBaseline`."""
+    if isinstance(baseline, str):
+        check_choice("baseline", baseline, ("mean", "black"))
+    elif isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
+        check_range("baseline", float(baseline), 0.0, 1.0)
     else:
-        raise ValueError(f"parameter fill={fill!r} must be 'mean', 'black' or a grey in [0, 1]")
+        raise ValueError(
+            f"parameter baseline={baseline!r} must be 'mean', 'black' or a grey in [0, 1]"
+        )
 
 
-def check_space(space: Any, token_fill: Any) -> None:
-    check_choice("space", space, ("pixel", "tokens"))
-    check_choice("token_fill", token_fill, ("mean", "zero"))
+def check_score(score: Any) -> None:
+    check_choice("score", score, SCORES)
 
 
-def fill_colour(adapter: ModelAdapter, fill: Fill) -> torch.Tensor:
+def check_space(space: Any, token_baseline: Any) -> None:
+    check_choice("space", space, ("pixel", "token"))
+    check_choice("token_baseline", token_baseline, ("mean", "zero"))
+
+
+def baseline_colour(adapter: ModelAdapter, baseline: ColourBaseline) -> torch.Tensor:
     """The pixel-space colour (1, 3, 1, 1) that replaces switched-off superpixels.
 
     "mean" is the model's mean colour, the zero of its normalised space (what the original
-    comparison filled with); "black" is 0; a float is a grey level in [0, 1].
+    comparison filled with; as "mean" of :func:`~vitxai.methods.base.make_baseline`);
+    "black" is 0; a float is a grey level in [0, 1].
     """
-    if fill == "mean":
+    if baseline == "mean":
         return adapter.mean
-    value = 0.0 if fill == "black" else float(fill)
+    value = 0.0 if baseline == "black" else float(baseline)
     return torch.full((1, 3, 1, 1), value, dtype=adapter.dtype, device=adapter.device)
 
 
@@ -65,15 +73,15 @@ def evaluate_masks(
     *,
     baseline: torch.Tensor | None = None,
     space: Space = "pixel",
-    token_fill: TokenFill = "mean",
-    output: Output = "probability",
+    token_baseline: TokenBaseline = "mean",
+    score: Score = "probability",
     batch_size: int | None = None,
     valid: torch.Tensor | None = None,
     on_chunk: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
     | None = None,
     batcher: AdaptiveBatch | None = None,
 ) -> torch.Tensor:
-    """The model's target output on n masked copies of every image (the perturbation engine).
+    """The model's target score on n masked copies of every image (the perturbation engine).
 
     Rows (image b, copy j) are evaluated in chunks of ``batch_size``; ``masks`` builds only the
     chunk's masks, so memory is bounded by ``batch_size`` images whatever B·n is. A chunk that
@@ -81,30 +89,30 @@ def evaluate_masks(
     call (:func:`vitxai.batching.run_chunked`).
 
     Args:
-        adapter: the model (a ViT adapter when ``space="tokens"``).
+        adapter: the model (a ViT adapter when ``space="token"``).
         images: (B, 3, H, W) unnormalised [0, 1] images on the adapter's device.
-        targets: (B,) long, the class whose output is read.
+        targets: (B,) long, the class whose score is read.
         masks: ``masks(bi, ji)`` for (M,) image and copy indices (on the images' device)
             returns the keep masks: (M, 1, H, W) in pixel space, (M, gh·gw) in token space;
             bool (kept values stay bit-identical) or float in [0, 1] (a blend).
         n: copies per image.
         baseline: pixel space only: what masked pixels become, (1 or B, 3, 1 or H, 1 or W)
             pixel values; the masked input is M ⊙ x + (1 − M) ⊙ baseline.
-        space: "pixel" or "tokens" (see :func:`token_masking`).
-        token_fill: token space only, see :func:`token_masking`.
-        output: "probability" (softmax of the target) or "logit".
+        space: "pixel" or "token" (see :func:`token_masking`).
+        token_baseline: token space only, see :func:`token_masking`.
+        score: "probability" (softmax of the target) or "logit".
         batch_size: images per forward pass; None: :func:`~vitxai.batching.default_batch_size`.
         valid: optional (B, n) bool; rows that are False are not evaluated (used when images
             of one batch need different numbers of copies).
         on_chunk: optional ``on_chunk(bi, ji, keep, y)`` called after each chunk with its
-            masks and (M,) float64 outputs on the device (RISE accumulates its saliency here,
+            masks and (M,) float64 scores on the device (RISE accumulates its saliency here,
             so masks are built once).
         batcher: optional :class:`~vitxai.batching.AdaptiveBatch` to use instead of a fresh
             one of ``batch_size`` (then ``batch_size`` is ignored); read its ``size`` afterwards
             for the batch size the call settled on.
 
     Returns:
-        (B, n) float64 CPU outputs; NaN where ``valid`` is False.
+        (B, n) float64 CPU scores; NaN where ``valid`` is False.
     """
     if space == "pixel" and baseline is None:
         raise ValueError("evaluate_masks needs a baseline in pixel space")
@@ -116,7 +124,8 @@ def evaluate_masks(
     rows = (torch.ones(b, n, dtype=torch.bool) if valid is None else valid.cpu()).nonzero()
     result = torch.full((b, n), float("nan"), dtype=torch.float64)
     size = (images.shape[-2], images.shape[-1])
-    masking = token_masking(adapter, size, token_fill) if space == "tokens" else nullcontext(None)
+    masking = (token_masking(adapter, size, token_baseline) if space == "token"
+               else nullcontext(None))
 
     def evaluate(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                             torch.Tensor, torch.Tensor]:
@@ -127,13 +136,13 @@ def evaluate_masks(
             tokens.keep = keep
             x = images[bi]
         else:
-            fill = baseline[bi] if baseline.shape[0] > 1 else baseline
+            base = baseline[bi] if baseline.shape[0] > 1 else baseline
             # where() for binary masks so that kept pixels are bit-identical to the input
-            x = (torch.where(keep, images[bi], fill) if keep.dtype == torch.bool
-                 else keep * images[bi] + (1 - keep) * fill)
+            x = (torch.where(keep, images[bi], base) if keep.dtype == torch.bool
+                 else keep * images[bi] + (1 - keep) * base)
         # Upcast before the softmax: half-precision probabilities near 0 or 1 lose digits.
         logits = adapter.logits(x).double()
-        if output == "probability":
+        if score == "probability":
             logits = logits.softmax(dim=1)
         return chunk, bi, ji, keep, logits.gather(1, tgt[bi, None])[:, 0]
 
@@ -156,14 +165,14 @@ def evaluate_coalitions(
     coalitions: torch.Tensor,
     targets: torch.Tensor,
     *,
-    fill: Fill = "mean",
-    output: Output = "probability",
+    baseline: ColourBaseline = "mean",
+    score: Score = "probability",
     batch_size: int | None = None,
     valid: torch.Tensor | None = None,
     space: Space = "pixel",
-    token_fill: TokenFill = "mean",
+    token_baseline: TokenBaseline = "mean",
 ) -> torch.Tensor:
-    """The model's target output on every coalition of every image (:func:`evaluate_masks`).
+    """The model's target score on every coalition of every image (:func:`evaluate_masks`).
 
     A chunk's masks are a vectorised gather of its coalitions over the segment map.
 
@@ -173,15 +182,15 @@ def evaluate_coalitions(
         segments: pixel space: (B, H, W) int64 labels in [0, S_b); token space: (B, gh, gw)
             labels of the patches (see :func:`patch_segments`).
         coalitions: (B, n, S_max) bool (or 0/1); 1 keeps the feature, 0 removes it.
-        targets: (B,) long, the class whose output is read.
-        fill: pixel space: colour of removed superpixels, see :func:`fill_colour`.
-        output: "probability" (softmax of the target) or "logit".
+        targets: (B,) long, the class whose score is read.
+        baseline: pixel space: colour of removed superpixels, see :func:`baseline_colour`.
+        score: "probability" (softmax of the target) or "logit".
         batch_size: images per forward pass; None: :func:`~vitxai.batching.default_batch_size`.
         valid: optional (B, n) bool; rows that are False are not evaluated.
-        space, token_fill: see :func:`evaluate_masks`.
+        space, token_baseline: see :func:`evaluate_masks`.
 
     Returns:
-        (B, n) float64 CPU outputs; NaN where ``valid`` is False.
+        (B, n) float64 CPU scores; NaN where ``valid`` is False.
     """
     device = images.device
     seg = segments.to(device).flatten(1)
@@ -191,9 +200,10 @@ def evaluate_coalitions(
         keep = keep_rows[bi, ji].gather(1, seg[bi])
         return keep.view(-1, 1, *images.shape[-2:]) if space == "pixel" else keep
 
-    colour = fill_colour(adapter, fill).to(device, images.dtype) if space == "pixel" else None
+    colour = (baseline_colour(adapter, baseline).to(device, images.dtype) if space == "pixel"
+              else None)
     return evaluate_masks(adapter, images, targets, masks, coalitions.shape[1], baseline=colour,
-                          space=space, token_fill=token_fill, output=output,
+                          space=space, token_baseline=token_baseline, score=score,
                           batch_size=batch_size, valid=valid)
 
 

@@ -40,7 +40,7 @@ def _padded_native(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 def feature_segments(adapter: ModelAdapter, images: torch.Tensor, context: BatchContext,
                      method: str, space: Space, segmentation: SegmentationParams) -> torch.Tensor:
     """LIME's and KernelSHAP's features: superpixels (pixel space) or patches (token space)."""
-    if space == "tokens":
+    if space == "token":
         return patch_segments(token_vit(adapter, method), images)
     return shared_segments(context, images, segmentation)
 
@@ -49,7 +49,7 @@ def feature_attribution(method: str, values: torch.Tensor, segments: torch.Tenso
                         counts: torch.Tensor, space: Space, images: torch.Tensor,
                         targets: torch.Tensor, cost: Cost) -> Attribution:
     """Wrap (B, S_max) feature values: superpixel natives, or (B, gh, gw) patch natives."""
-    if space == "tokens":
+    if space == "token":
         return grid_attribution(method, values.view(segments.shape), space, images, targets, cost)
     return Attribution(
         method=method,

@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vitxai.methods.base import Attribution, BatchContext, Cost, register_method
+from vitxai.methods.base import Attribution, BatchContext, Cost, Score, register_method
 from vitxai.methods.perturbation.engine import (
-    Fill,
-    Output,
+    ColourBaseline,
     Space,
-    check_fill,
+    check_colour_baseline,
+    check_score,
     check_space,
     evaluate_coalitions,
 )
@@ -29,8 +29,8 @@ from vitxai.methods.perturbation.segmentation import (
     as_segmentation,
     num_segments,
 )
-from vitxai.methods.perturbation.tokens import TokenFill
-from vitxai.params import check_batch_size, check_choice, check_range
+from vitxai.methods.perturbation.tokens import TokenBaseline
+from vitxai.params import check_batch_size, check_range
 
 if TYPE_CHECKING:
     from vitxai.models.adapter import ModelAdapter
@@ -45,29 +45,29 @@ class KernelShapParams:
             2^S ≤ n_samples all 2^S coalitions are evaluated instead (exact Shapley values).
         batch_size: perturbed images per forward pass (≥ 1); None: 16 on a CPU, 64 on an
             accelerator (:func:`vitxai.batching.default_batch_size`).
-        output: "probability" (target softmax) or "logit".
-        fill: colour of removed superpixels: "mean", "black" or a grey in [0, 1] (pixel
-            space).
+        score: what is read from the model: "probability" (target softmax) or "logit".
+        baseline: colour of removed superpixels: "mean" (the model's mean colour), "black" or
+            a grey in [0, 1] (pixel space).
         segmentation: see :class:`SegmentationParams` (pixel space).
-        space: "pixel" (superpixels) or "tokens" (ViTs only: every patch is a player, masked
+        space: "pixel" (superpixels) or "token" (ViTs only: every patch is a player, masked
             at the token level), as for :class:`LimeParams`.
-        token_fill: the embedding of masked tokens, "mean" or "zero" (token space).
+        token_baseline: the embedding of masked tokens, "mean" or "zero" (token space).
     """
 
     n_samples: int = 1000
     batch_size: int | None = None
-    output: Output = "probability"
-    fill: Fill = "mean"
+    score: Score = "probability"
+    baseline: ColourBaseline = "mean"
     segmentation: SegmentationParams = field(default_factory=SegmentationParams)
     space: Space = "pixel"
-    token_fill: TokenFill = "mean"
+    token_baseline: TokenBaseline = "mean"
 
     def __post_init__(self) -> None:
         check_range("n_samples", self.n_samples, 3, None)
         check_batch_size("batch_size", self.batch_size)
-        check_choice("output", self.output, ("probability", "logit"))
-        check_fill(self.fill)
-        check_space(self.space, self.token_fill)
+        check_score(self.score)
+        check_colour_baseline(self.baseline)
+        check_space(self.space, self.token_baseline)
         object.__setattr__(self, "segmentation", as_segmentation(self.segmentation))
 
 
@@ -131,7 +131,7 @@ def constrained_shapley_fit(z: torch.Tensor, y: torch.Tensor, weights: torch.Ten
 
     Args:
         z: (B, n, S_max) coalitions; row 0 empty, row 1 full.
-        y: (B, n) outputs (NaN allowed where the weight is 0).
+        y: (B, n) scores (NaN allowed where the weight is 0).
         weights: (B, n) non-negative regression weights (0 on rows 0, 1 and unused rows).
         counts: (B,) number of real superpixels S_b.
 
@@ -156,6 +156,7 @@ def constrained_shapley_fit(z: torch.Tensor, y: torch.Tensor, weights: torch.Ten
 
 @register_method(
     "kernel_shap",
+    renamed={"fill": "baseline", "output": "score", "token_fill": "token_baseline"},
     params=KernelShapParams,
     family="perturbation",
     paper="Lundberg & Lee 2017, 'A unified approach to interpreting model predictions', "
@@ -176,9 +177,9 @@ def kernel_shap(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tens
                                 params.segmentation)
     counts = num_segments(segments)
     z, weights, valid = kernel_shap_coalitions(context, counts, params.n_samples)
-    y = evaluate_coalitions(adapter, images, segments, z, targets, fill=params.fill,
-                            output=params.output, batch_size=params.batch_size, valid=valid,
-                            space=params.space, token_fill=params.token_fill)
+    y = evaluate_coalitions(adapter, images, segments, z, targets, baseline=params.baseline,
+                            score=params.score, batch_size=params.batch_size, valid=valid,
+                            space=params.space, token_baseline=params.token_baseline)
     phi = constrained_shapley_fit(z, y, weights, counts)
     return feature_attribution("kernel_shap", phi, segments, counts, params.space, images,
                                targets, Cost(forward=math.ceil(int(valid.sum()) / len(counts))))

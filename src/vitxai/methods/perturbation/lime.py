@@ -1,7 +1,7 @@
 """LIME (Ribeiro et al. 2016, "Why should I trust you?", KDD), as ``lime_image`` 0.2.0.1.
 
 LIME explains a prediction by switching features (superpixels, or patches in token space) off,
-evaluating the model on many such coalitions, and fitting a linear model of the target output on
+evaluating the model on many such coalitions, and fitting a linear model of the target score on
 the binary "kept" indicators: Bernoulli(0.5) coalitions, cosine-distance exponential kernel,
 weighted ridge regression.
 """
@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vitxai.methods.base import Attribution, BatchContext, Cost, register_method
+from vitxai.methods.base import Attribution, BatchContext, Cost, Score, register_method
 from vitxai.methods.perturbation.engine import (
-    Fill,
-    Output,
+    ColourBaseline,
     Space,
-    check_fill,
+    check_colour_baseline,
+    check_score,
     check_space,
     evaluate_coalitions,
 )
@@ -29,8 +29,8 @@ from vitxai.methods.perturbation.segmentation import (
     as_segmentation,
     num_segments,
 )
-from vitxai.methods.perturbation.tokens import TokenFill
-from vitxai.params import check_batch_size, check_choice, check_range
+from vitxai.methods.perturbation.tokens import TokenBaseline
+from vitxai.params import check_batch_size, check_range
 
 if TYPE_CHECKING:
     from vitxai.models.adapter import ModelAdapter
@@ -46,13 +46,13 @@ class LimeParams:
             accelerator (:func:`vitxai.batching.default_batch_size`).
         kernel_width: width of the exponential kernel on cosine distance (> 0).
         alpha: ridge penalty (≥ 0; 0 = ordinary weighted least squares).
-        output: "probability" (target softmax) or "logit".
-        fill: colour of removed superpixels: "mean", "black" or a grey in [0, 1] (pixel
-            space).
+        score: what is read from the model: "probability" (target softmax) or "logit".
+        baseline: colour of removed superpixels: "mean" (the model's mean colour), "black" or
+            a grey in [0, 1] (pixel space).
         segmentation: see :class:`SegmentationParams` (pixel space).
-        space: "pixel" (superpixels filled with ``fill``) or "tokens" (ViTs only: every patch
+        space: "pixel" (superpixels set to ``baseline``) or "token" (ViTs only: every patch
             is a feature and removed patches are masked at the token level).
-        token_fill: the embedding of masked tokens, "mean" or "zero" (token space), see
+        token_baseline: the embedding of masked tokens, "mean" or "zero" (token space), see
             :func:`token_masking`.
     """
 
@@ -60,20 +60,20 @@ class LimeParams:
     batch_size: int | None = None
     kernel_width: float = 0.25
     alpha: float = 1.0
-    output: Output = "probability"
-    fill: Fill = "mean"
+    score: Score = "probability"
+    baseline: ColourBaseline = "mean"
     segmentation: SegmentationParams = field(default_factory=SegmentationParams)
     space: Space = "pixel"
-    token_fill: TokenFill = "mean"
+    token_baseline: TokenBaseline = "mean"
 
     def __post_init__(self) -> None:
         check_range("n_samples", self.n_samples, 2, None)
         check_batch_size("batch_size", self.batch_size)
         check_range("kernel_width", self.kernel_width, 0, None, low_open=True)
         check_range("alpha", self.alpha, 0, None)
-        check_choice("output", self.output, ("probability", "logit"))
-        check_fill(self.fill)
-        check_space(self.space, self.token_fill)
+        check_score(self.score)
+        check_colour_baseline(self.baseline)
+        check_space(self.space, self.token_baseline)
         object.__setattr__(self, "segmentation", as_segmentation(self.segmentation))
 
 
@@ -142,10 +142,11 @@ def lime_weights(coalitions: torch.Tensor, counts: torch.Tensor,
 
 @register_method(
     "lime",
+    renamed={"fill": "baseline", "output": "score", "token_fill": "token_baseline"},
     params=LimeParams,
     family="perturbation",
     paper="Ribeiro et al. 2016, 'Why should I trust you?', KDD",
-    summary="Weighted ridge regression of the target output on random superpixel coalitions.",
+    summary="Weighted ridge regression of the target score on random superpixel coalitions.",
     uses={"segments"},
     aliases=("LIME",),
 )
@@ -161,9 +162,9 @@ def lime(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
                                 params.segmentation)
     counts = num_segments(segments)
     z = lime_coalitions(context, counts, params.n_samples)
-    y = evaluate_coalitions(adapter, images, segments, z, targets, fill=params.fill,
-                            output=params.output, batch_size=params.batch_size,
-                            space=params.space, token_fill=params.token_fill)
+    y = evaluate_coalitions(adapter, images, segments, z, targets, baseline=params.baseline,
+                            score=params.score, batch_size=params.batch_size,
+                            space=params.space, token_baseline=params.token_baseline)
     w = lime_weights(z, counts, params.kernel_width)
     coef, _ = weighted_ridge(z.double(), y, w, params.alpha)
     return feature_attribution("lime", coef, segments, counts, params.space, images, targets,

@@ -2,7 +2,8 @@
 ECCV).
 
 A pixel's attribution is the mean, over the sliding windows covering it, of
-f(x) − f(x with the window filled); in token space the window slides over the patch grid.
+f(x) − f(x with the window set to the baseline); in token space the window slides over the
+patch grid.
 """
 
 from __future__ import annotations
@@ -13,19 +14,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vitxai.methods.base import Attribution, BatchContext, Cost, register_method
+from vitxai.methods.base import Attribution, BatchContext, Cost, Score, register_method
 from vitxai.methods.perturbation.engine import (
-    Fill,
-    Output,
+    ColourBaseline,
     Space,
-    check_fill,
+    baseline_colour,
+    check_colour_baseline,
+    check_score,
     check_space,
     evaluate_masks,
-    fill_colour,
     grid_attribution,
 )
-from vitxai.methods.perturbation.tokens import TokenFill, token_vit
-from vitxai.params import check_batch_size, check_choice, check_range
+from vitxai.methods.perturbation.tokens import TokenBaseline, token_vit
+from vitxai.params import check_batch_size, check_range
 
 if TYPE_CHECKING:
     from vitxai.models.adapter import ModelAdapter
@@ -40,32 +41,33 @@ class OcclusionParams:
         stride: step between windows in pixels (≥ 1). A last window flush with the right and
             bottom border is added when the stride does not land there, so every pixel is
             covered.
-        fill: colour of the occluded window: "mean", "black" or a grey in [0, 1] (pixel space).
+        baseline: colour of the occluded window: "mean" (the model's mean colour), "black" or
+            a grey in [0, 1] (pixel space).
         batch_size: occluded images per forward pass (≥ 1); None: 16 on a CPU, 64 on an
             accelerator (:func:`vitxai.batching.default_batch_size`).
-        output: "probability" (target softmax) or "logit".
-        space: "pixel", or "tokens" (ViTs only: the window slides over the patch grid and
+        score: what is read from the model: "probability" (target softmax) or "logit".
+        space: "pixel", or "token" (ViTs only: the window slides over the patch grid and
             occluded patches are masked at the token level; window and stride are snapped to
             the grid, the window up to whole patches and the stride down to at least one
             patch, so (16, 8) on 16-pixel patches is a one-patch window with a one-patch step).
-        token_fill: the embedding of occluded tokens, "mean" or "zero" (token space).
+        token_baseline: the embedding of occluded tokens, "mean" or "zero" (token space).
     """
 
     window: int = 16
     stride: int = 8
-    fill: Fill = "mean"
+    baseline: ColourBaseline = "mean"
     batch_size: int | None = None
-    output: Output = "probability"
+    score: Score = "probability"
     space: Space = "pixel"
-    token_fill: TokenFill = "mean"
+    token_baseline: TokenBaseline = "mean"
 
     def __post_init__(self) -> None:
         check_range("window", self.window, 1, None)
         check_range("stride", self.stride, 1, None)
-        check_fill(self.fill)
+        check_colour_baseline(self.baseline)
         check_batch_size("batch_size", self.batch_size)
-        check_choice("output", self.output, ("probability", "logit"))
-        check_space(self.space, self.token_fill)
+        check_score(self.score)
+        check_space(self.space, self.token_baseline)
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -87,18 +89,19 @@ def _window_indicators(size: int, window: int, stride: int, device: torch.device
 
 @register_method(
     "occlusion",
+    renamed={"fill": "baseline", "output": "score", "token_fill": "token_baseline"},
     params=OcclusionParams,
     family="perturbation",
     aliases=("Occlusion",),
     paper="Zeiler & Fergus 2014, 'Visualizing and Understanding Convolutional Networks', ECCV",
-    summary="Mean drop of the target output when sliding windows covering a pixel are filled.",
+    summary="Mean drop of the target score when sliding windows covering a pixel are removed.",
 )
 def occlusion(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
               params: OcclusionParams, context: BatchContext) -> Attribution:
     """Occlusion map; (B, H, W) "pixel" natives, or (B, gh, gw) "patch" natives in token space.
 
     Row 0 of each image is the unoccluded input (f(x)), rows 1.. one window each; a pixel's
-    value is the mean of f(x) − f(x with window filled) over the windows that cover it.
+    value is the mean of f(x) − f(x with window removed) over the windows that cover it.
     Deterministic, so ``context`` is unused.
     """
     pixel = params.space == "pixel"
@@ -120,10 +123,10 @@ def occlusion(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor
         hole = rows[w // nc][:, :, None] & cols[w % nc][:, None, :] & (ji > 0).view(-1, 1, 1)
         return ~hole[:, None] if pixel else ~hole.flatten(1)
 
-    colour = fill_colour(adapter, params.fill).to(device, images.dtype) if pixel else None
+    colour = baseline_colour(adapter, params.baseline).to(device, images.dtype) if pixel else None
     y = evaluate_masks(adapter, images, targets, masks, 1 + nr * nc, baseline=colour,
-                       space=params.space, token_fill=params.token_fill, output=params.output,
-                       batch_size=params.batch_size)
+                       space=params.space, token_baseline=params.token_baseline,
+                       score=params.score, batch_size=params.batch_size)
     drop = (y[:, :1] - y[:, 1:]).view(-1, nr, nc)
     r, c = rows.cpu().double(), cols.cpu().double()
     # windows form a product grid: Σ over covering windows = Rᵀ·D·C, their count = (Rᵀ1)(Cᵀ1)

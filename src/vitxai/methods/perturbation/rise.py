@@ -14,17 +14,25 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from vitxai.methods.base import Attribution, BatchContext, Cost, register_method
-from vitxai.methods.gradient import Baseline, check_baseline, make_baseline
+from vitxai.methods.base import (
+    Attribution,
+    Baseline,
+    BatchContext,
+    Cost,
+    Score,
+    check_baseline,
+    make_baseline,
+    register_method,
+)
 from vitxai.methods.perturbation.engine import (
-    Output,
     Space,
+    check_score,
     check_space,
     evaluate_masks,
     grid_attribution,
 )
-from vitxai.methods.perturbation.tokens import TokenFill, token_vit
-from vitxai.params import check_batch_size, check_choice, check_range
+from vitxai.methods.perturbation.tokens import TokenBaseline, token_vit
+from vitxai.params import check_batch_size, check_range
 
 if TYPE_CHECKING:
     from vitxai.models.adapter import ModelAdapter
@@ -35,43 +43,45 @@ class RiseParams:
     """Parameters of :func:`rise` (defaults: the paper's and IDSDS's settings).
 
     Attributes:
-        n_masks: N, random masks per image (≥ 1).
+        n_samples: N, random masks per image (≥ 1).
         grid: s, cells per side of the binary grid (≥ 1).
         p_keep: p1, probability that a grid cell is kept, in (0, 1].
         baseline: what masked pixels become (pixel space), names as in
-            :func:`~vitxai.methods.gradient.make_baseline`: "mean" (default) = the model's mean
+            :func:`~vitxai.methods.base.make_baseline`: "mean" (default) = the model's mean
             colour = zero of the normalised input (IDSDS's "zeros", RISE); "uniform_normalized"
             = U(−1, 1) in normalised units drawn per image (IDSDS's RISE-U); "black", "white",
             "uniform" (U(0, 1) pixels) or a grey level.
         batch_size: masked images per forward pass (≥ 1); None: 16 on a CPU, 64 on an
             accelerator (:func:`vitxai.batching.default_batch_size`).
-        output: "probability" (the paper's softmax p_c) or "logit".
-        space: "pixel", or "tokens" (ViTs only: masks are drawn on the patch grid and blend
-            each token's embedding with the fill embedding; ``baseline`` is then unused).
-        token_fill: the embedding masked tokens blend towards, "mean" or "zero" (token space),
+        score: what is read from the model: "probability" (the paper's softmax p_c) or
+            "logit".
+        space: "pixel", or "token" (ViTs only: masks are drawn on the patch grid and blend
+            each token's embedding with the baseline embedding ``token_baseline``;
+            ``baseline`` is then unused).
+        token_baseline: the embedding masked tokens blend towards, "mean" or "zero" (token space),
             see :func:`token_masking`.
     """
 
-    n_masks: int = 1000
+    n_samples: int = 1000
     grid: int = 8
     p_keep: float = 0.1
     baseline: Baseline = "mean"
     batch_size: int | None = None
-    output: Output = "probability"
+    score: Score = "probability"
     space: Space = "pixel"
-    token_fill: TokenFill = "mean"
+    token_baseline: TokenBaseline = "mean"
 
     def __post_init__(self) -> None:
-        check_range("n_masks", self.n_masks, 1, None)
+        check_range("n_samples", self.n_samples, 1, None)
         check_range("grid", self.grid, 1, None)
         check_range("p_keep", self.p_keep, 0.0, 1.0, low_open=True)
         check_baseline("baseline", self.baseline)
         check_batch_size("batch_size", self.batch_size)
-        check_choice("output", self.output, ("probability", "logit"))
-        check_space(self.space, self.token_fill)
+        check_score(self.score)
+        check_space(self.space, self.token_baseline)
 
 
-def rise_draws(context: BatchContext, n_images: int, n_masks: int, grid: int, p_keep: float,
+def rise_draws(context: BatchContext, n_images: int, n_samples: int, grid: int, p_keep: float,
                size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The random part of RISE's masks, per image from ``context.generator(i, "rise")``.
 
@@ -83,9 +93,10 @@ def rise_draws(context: BatchContext, n_images: int, n_masks: int, grid: int, p_
     grids, shifts = [], []
     for i in range(n_images):
         g = context.generator(i, "rise")
-        grids.append(torch.rand(n_masks, grid, grid, generator=g, dtype=torch.float64) < p_keep)
-        shifts.append(torch.stack([torch.randint(cell[0], (n_masks,), generator=g),
-                                   torch.randint(cell[1], (n_masks,), generator=g)], dim=1))
+        grids.append(torch.rand(n_samples, grid, grid, generator=g, dtype=torch.float64)
+                     < p_keep)
+        shifts.append(torch.stack([torch.randint(cell[0], (n_samples,), generator=g),
+                                   torch.randint(cell[1], (n_samples,), generator=g)], dim=1))
     return torch.stack(grids), torch.stack(shifts)
 
 
@@ -111,12 +122,13 @@ def rise_masks(grids: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int],
 
 @register_method(
     "rise",
+    renamed={"n_masks": "n_samples", "output": "score", "token_fill": "token_baseline"},
     params=RiseParams,
     family="perturbation",
     aliases=("RISE",),
     paper="Petsiuk, Das & Saenko 2018, 'RISE: Randomized Input Sampling for Explanation of "
           "Black-box Models', BMVC",
-    summary="Output-weighted mean of random smooth masks: Σ p_c(M⊙x + (1−M)⊙x′)·M / (N·p1).",
+    summary="Score-weighted mean of random smooth masks: Σ p_c(M⊙x + (1−M)⊙x′)·M / (N·p1).",
 )
 def rise(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
          params: RiseParams, context: BatchContext) -> Attribution:
@@ -129,7 +141,7 @@ def rise(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
     size = ((images.shape[-2], images.shape[-1]) if pixel
             else token_vit(adapter, "rise").grid_of(images))
     device = images.device
-    grids, shifts = rise_draws(context, images.shape[0], params.n_masks, params.grid,
+    grids, shifts = rise_draws(context, images.shape[0], params.n_samples, params.grid,
                                params.p_keep, size)
     grids, shifts = grids.to(device), shifts.to(device)
     # accumulate in at least float32 (a sum of 1000 masks in bf16 would lose the signal)
@@ -152,9 +164,9 @@ def rise(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
 
     baseline = (make_baseline(adapter, images, params.baseline, context, "rise_baseline")
                 if pixel else None)
-    evaluate_masks(adapter, images, targets, masks, params.n_masks, baseline=baseline,
-                   space=params.space, token_fill=params.token_fill, output=params.output,
-                   batch_size=params.batch_size, on_chunk=accumulate)
-    native = acc / (params.n_masks * params.p_keep)
+    evaluate_masks(adapter, images, targets, masks, params.n_samples, baseline=baseline,
+                   space=params.space, token_baseline=params.token_baseline,
+                   score=params.score, batch_size=params.batch_size, on_chunk=accumulate)
+    native = acc / (params.n_samples * params.p_keep)
     return grid_attribution("rise", native, params.space, images, targets,
-                            Cost(forward=params.n_masks))
+                            Cost(forward=params.n_samples))

@@ -1,9 +1,9 @@
 """Chefer et al. 2021a, "Transformer Interpretability Beyond Attention Visualization" (CVPR).
 
 Relevance propagation runs on an *unmodified* timm ViT: the shared pass records each block's
-activations with forward hooks (docs/methods.md §8), and the rules below are applied explicitly,
-batched, with every sum taken per sample (the reference sums the residual rule over the whole
-batch, so its maps are only right for batch 1: Transformer-Explainability #22, #32).
+activations with forward hooks (docs/methods.md §8), and the rules of :mod:`.rules` are applied
+explicitly, batched, with every sum taken per sample (the reference sums the residual rule over
+the whole batch, so its maps are only right for batch 1: Transformer-Explainability #22, #32).
 
 Rules (docs/methods.md §3, LRP α=1, β=0):
 - Linear: z⁺_ij = x⁺_i w⁺_ij + x⁻_i w⁻_ij, R_i = Σ_j z⁺_ij / Σ_i′ z⁺_i′j · R_j (bias excluded).
@@ -26,56 +26,18 @@ from vitxai.methods.base import (
     register_method,
     to_patch_map,
 )
+from vitxai.methods.lrp.rules import (
+    clone_rule,
+    linear_rule,
+    matmul_rule,
+    patch_embedding_rule,
+    residual_rule,
+)
 from vitxai.methods.vit_pass import pass_cost, readout_row, residual_product_row, vit_pass
 from vitxai.models.adapter import ViTAdapter
 from vitxai.params import check_range
 
-_EPS = 1e-9
 RELEVANCE = CacheKey("relevance")  # (pass, layer it stopped at, relevance) of Chefer's pass
-
-
-def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a / (b + 1e-9), and 0 where b is exactly 0 (the reference's stabiliser)."""
-    den = b + _EPS
-    den = den + (den == 0).to(den.dtype) * _EPS
-    return a / den * (b != 0).to(a.dtype)
-
-
-def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).sum(dim=1).reshape(-1, *([1] * (t.ndim - 1)))
-
-
-def linear_rule(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """LRP α1β0 through ``y = x Wᵀ + b``: x (..., in), W (out, in), R (..., out) → (..., in)."""
-    xp, xn = x.clamp(min=0), x.clamp(max=0)
-    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
-    s = safe_divide(relevance, xp @ wp.T + xn @ wn.T)
-    return xp * (s @ wp) + xn * (s @ wn)
-
-
-def residual_rule(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split the relevance of y = a + b between a and b, conserving ΣR per sample."""
-    s = safe_divide(relevance, a + b)
-    ra, rb = a * s, b * s
-    sa, sb = _per_sample_sum(ra), _per_sample_sum(rb)
-    total = _per_sample_sum(relevance)
-    denom = sa.abs() + sb.abs()
-    ra = ra * safe_divide(safe_divide(sa.abs(), denom) * total, sa)
-    rb = rb * safe_divide(safe_divide(sb.abs(), denom) * total, sb)
-    return ra, rb
-
-
-def clone_rule(x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
-    """A fork x → (x, x): the two relevances are summed (x·Σ R_i/x, as the reference)."""
-    return x * (safe_divide(r1, x) + safe_divide(r2, x))
-
-
-def matmul_rule(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradient × input through Z = a @ b, each operand halved (both receive ΣR otherwise)."""
-    s = safe_divide(relevance, a @ b)
-    return a * (s @ b.transpose(-2, -1)) / 2, b * (a.transpose(-2, -1) @ s) / 2
 
 
 @dataclass
@@ -206,8 +168,7 @@ def chefer2021a(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor
             adapter, vp.capture.attention[0], p.start_layer,
             lambda layer: (grads[layer] * rel.attention_relevance[layer]).clamp(min=0)
             .mean(dim=1))
-    native, full = to_patch_map(adapter, r, images)
-    return Attribution("chefer2021a", full, native, "patch", targets, _lrp_cost(vp, reused))
+    return _patch_attribution("chefer2021a", adapter, images, targets, r, vp, reused)
 
 
 def _relevance(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
@@ -233,6 +194,14 @@ def _lrp_cost(vp, reused: bool):
     return cost
 
 
+def _patch_attribution(name: str, adapter: ViTAdapter, images: torch.Tensor,
+                       targets: torch.Tensor, row: torch.Tensor, vp, reused: bool
+                       ) -> Attribution:
+    """A read-out row (B, N) as a patch map, with the cost of the pass and the relevance pass."""
+    native, full = to_patch_map(adapter, row, images)
+    return Attribution(name, full, native, "patch", targets, _lrp_cost(vp, reused))
+
+
 @register_method(
     "chefer_lrp_rollout",
     params=CheferParams,
@@ -251,9 +220,7 @@ def chefer_lrp_rollout(adapter: ViTAdapter, images: torch.Tensor, targets: torch
         r = residual_product_row(
             adapter, vp.capture.attention[0], p.start_layer,
             lambda layer: rel.attention_relevance[layer].clamp(min=0).mean(dim=1))
-    native, full = to_patch_map(adapter, r, images)
-    return Attribution("chefer_lrp_rollout", full, native, "patch", targets,
-                       _lrp_cost(vp, reused))
+    return _patch_attribution("chefer_lrp_rollout", adapter, images, targets, r, vp, reused)
 
 
 @dataclass(frozen=True)
@@ -293,43 +260,12 @@ def chefer_last_layer(adapter: ViTAdapter, images: torch.Tensor, targets: torch.
     abar = r_a.clamp(min=0).mean(dim=1)
     readout = readout_row(adapter, abar.shape[-1], abar.shape[0], abar.dtype, abar.device)
     row = torch.bmm(readout.unsqueeze(1), abar).squeeze(1)
-    native, full = to_patch_map(adapter, row, images)
-    return Attribution("chefer_last_layer", full, native, "patch", targets,
-                       _lrp_cost(vp, reused))
+    return _patch_attribution("chefer_last_layer", adapter, images, targets, row, vp, reused)
 
 
 @dataclass(frozen=True)
 class FullLrpParams:
     """Pixel-level LRP of Chefer 2021a (`full` mode); no parameters."""
-
-
-def patch_embedding_rule(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor,
-                         stride: tuple[int, int]) -> torch.Tensor:
-    """z^B rule through the patch convolution, bounds = per-sample min and max of the input.
-
-    Args:
-        x: (B, 3, H, W) the model's normalised input.
-        weight: (D, 3, p, p) patch-embedding kernel (stride = kernel, no overlap).
-        relevance: (B, D, gh, gw) relevance of the patch embeddings.
-
-    Returns:
-        (B, 3, H, W) pixel relevance (Montavon et al. 2017, deep Taylor z^B).
-    """
-    import torch.nn.functional as F
-
-    low = x.amin(dim=(1, 2, 3), keepdim=True).expand_as(x)
-    high = x.amax(dim=(1, 2, 3), keepdim=True).expand_as(x)
-    wp, wn = weight.clamp(min=0), weight.clamp(max=0)
-    z = (F.conv2d(x, weight, stride=stride) - F.conv2d(low, wp, stride=stride)
-         - F.conv2d(high, wn, stride=stride) + 1e-9)
-    s = relevance / z
-    size = x.shape[-2:]
-
-    def back(w: torch.Tensor) -> torch.Tensor:
-        out = F.conv_transpose2d(s, w, stride=stride)
-        return F.pad(out, (0, size[1] - out.shape[-1], 0, size[0] - out.shape[-2]))
-
-    return x * back(weight) - low * back(wp) - high * back(wn)
 
 
 @register_method(

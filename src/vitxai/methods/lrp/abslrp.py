@@ -3,7 +3,7 @@
 "Advancing Attribution-Based Neural Network Explainability through Relative Absolute Magnitude
 Layer-Wise Relevance Propagation and Multi-Component Evaluation", doi 10.1145/3649458. The
 paper-era rule of docs/methods.md §7, applied explicitly and batched to activations that one
-forward pass of an *unmodified* model records with forward hooks (as in :mod:`.lrp`): no
+forward pass of an *unmodified* model records with forward hooks (as in :mod:`.chefer`): no
 forward is patched and no twin module is built.
 
 Every layer y = f(x) has an "absolute twin" y_abs (the same operation on magnitudes). With
@@ -12,7 +12,7 @@ s = R/|y| (sign(0) = +1, |y| := 1e-9 where y = 0) and s± its positive/negative 
     G± = x ⊙ Jᵀ_{y + y_abs} s±,     R_in = P⁺·N1(G⁺) + |P⁻|·N1(G⁻),
 
 where P± are the per-sample sums of the positive/negative parts of R and N1(v) = v / Σ|v| per
-sample. Each rule below writes x ⊙ Jᵀ_{y+y_abs} in closed form:
+sample. Each rule (``abs_*`` in :mod:`.rules`) writes x ⊙ Jᵀ_{y+y_abs} in closed form:
 
 - Linear / patch conv, y = xWᵀ + b: G_i = Σ_j 2(x_i w_ji)⁺ s_j (the bias gets nothing).
 - Product y = a·b (q·kᵀ·scale, A·V): G_a,ik = Σ_j 2(a_ik b_kj)⁺ s_ij, likewise for b.
@@ -26,7 +26,7 @@ sample. Each rule below writes x ⊙ Jᵀ_{y+y_abs} in closed form:
 Two-input operations split P⁺ (P⁻) between their inputs in proportion to each input's ΣG⁺ (ΣG⁻).
 The read-out is one linear layer on the read-out tokens: the class token, or for a distilled DeiT
 the class and distillation tokens, whose eval output (head(CLS) + head_dist(DIST))/2 is linear in
-[CLS; DIST] (:func:`readout_rule`).
+[CLS; DIST] (:func:`~vitxai.methods.lrp.rules.abs_readout_rule`).
 The linear, product, add, LayerScale and activation rules have sign-definite G⁺ ≥ 0 ≥ G⁻, so they
 conserve the positive and the negative mass separately (whenever that stream's ΣG is non-zero);
 LayerNorm and softmax multiply by the signed input x, so there only each stream's L1 mass is kept
@@ -39,7 +39,7 @@ compatibility mode (docs/methods.md §7) is not implemented.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -53,223 +53,19 @@ from vitxai.methods.base import (
     pixel_attribution,
     register_method,
 )
+from vitxai.methods.lrp.rules import (
+    abs_activation_rule,
+    abs_add_rule,
+    abs_layernorm_rule,
+    abs_linear_rule,
+    abs_matmul_rule,
+    abs_patch_conv_rule,
+    abs_readout_rule,
+    abs_scale_rule,
+    abs_softmax_rule,
+    n1,
+)
 from vitxai.models.adapter import Capture, ModelAdapter, ViTAdapter
-
-_ZERO_OUTPUT = 1e-9  # |y| used where y == 0 (the paper's stabiliser)
-
-Contribution = tuple[torch.Tensor, torch.Tensor]  # (G⁺, G⁻) of one input
-
-
-# --- per-sample helpers -----------------------------------------------------------------------
-
-def _sample_sum(t: torch.Tensor) -> torch.Tensor:
-    """Σ over every axis but the batch, shaped to broadcast against ``t``."""
-    return t.reshape(t.shape[0], -1).sum(dim=1).reshape(-1, *([1] * (t.ndim - 1)))
-
-
-def _exact_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a / b, and 0 where b == 0 (only then is a also 0 here)."""
-    return a / torch.where(b == 0, torch.ones_like(b), b)
-
-
-def n1(v: torch.Tensor) -> torch.Tensor:
-    """N1(v) = v / Σ|v| per sample; an all-zero sample stays zero."""
-    return _exact_divide(v, _sample_sum(v.abs()))
-
-
-def _scaled(relevance: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """s = R / |y|, with |y| := 1e-9 where y == 0."""
-    return relevance / torch.where(y == 0, torch.full_like(y, _ZERO_OUTPUT), y.abs())
-
-
-def share(relevance: torch.Tensor, contributions: Sequence[Contribution]) -> list[torch.Tensor]:
-    """Redistribute R over one or more inputs from their (G⁺, G⁻).
-
-    Input i receives P⁺·ρ⁺_i·N1(G⁺_i) + |P⁻|·ρ⁻_i·N1(G⁻_i) with ρ±_i = ΣG±_i / Σ_k ΣG±_k, so a
-    single input gets R_in = P⁺·N1(G⁺) + |P⁻|·N1(G⁻). Shapes of the inputs may differ; every
-    sum is per sample. A stream whose G vanishes on every input (e.g. all positive relevance on
-    LayerNorm units the twin gates off) has nowhere to go and is dropped, as in the paper.
-    """
-    p_pos = _sample_sum(relevance.clamp(min=0)).flatten()
-    p_neg = _sample_sum(relevance.clamp(max=0)).flatten().abs()
-
-    def per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return v.reshape(-1, *([1] * (like.ndim - 1)))
-
-    if len(contributions) == 1:
-        ratios = [(torch.ones_like(p_pos), torch.ones_like(p_neg))]
-    else:
-        pos_sums = [_sample_sum(g_pos).flatten() for g_pos, _ in contributions]
-        neg_sums = [_sample_sum(g_neg).flatten() for _, g_neg in contributions]
-        pos_total, neg_total = sum(pos_sums), sum(neg_sums)
-        ratios = [(_exact_divide(ps, pos_total), _exact_divide(ns, neg_total))
-                  for ps, ns in zip(pos_sums, neg_sums, strict=True)]
-    return [
-        per_sample(p_pos * rp, g_pos) * n1(g_pos) + per_sample(p_neg * rn, g_neg) * n1(g_neg)
-        for (g_pos, g_neg), (rp, rn) in zip(contributions, ratios, strict=True)
-    ]
-
-
-def _split_by_sign(make: Callable[[torch.Tensor], torch.Tensor], s: torch.Tensor
-                   ) -> Contribution:
-    """(G⁺, G⁻) = (make(s⁺), make(s⁻)): each input's contribution is linear in s."""
-    return make(s.clamp(min=0)), make(s.clamp(max=0))
-
-
-def _positive_product(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """a ⊙ Jᵀ_{y+y_abs} s for y = a @ b, y_abs = |a| @ |b|: Σ_j 2(a_ik b_kj)⁺ s_ij.
-
-    (ab)⁺ = a⁺b⁺ + a⁻b⁻ turns the sum into two matrix products.
-    """
-    b_pos, b_neg = b.clamp(min=0), b.clamp(max=0)
-    return 2 * (a.clamp(min=0) * (s @ b_pos.transpose(-2, -1))
-                + a.clamp(max=0) * (s @ b_neg.transpose(-2, -1)))
-
-
-# --- rules ------------------------------------------------------------------------------------
-
-def linear_rule(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                relevance: torch.Tensor) -> torch.Tensor:
-    """y = x Wᵀ + b: x (B, ..., in), W (out, in), R (B, ..., out) → R_in (B, ..., in).
-
-    G_i = Σ_j 2(x_i w_ji)⁺ s_j with s = R/|y|; the bias enters |y| only.
-    """
-    weight = weight.to(x.dtype)
-    y = F.linear(x, weight, None if bias is None else bias.to(x.dtype))
-    wt = weight.T
-    return share(relevance, [_split_by_sign(lambda s: _positive_product(x, wt, s),
-                                            _scaled(relevance, y))])[0]
-
-
-def readout_rule(inputs: Sequence[torch.Tensor], heads: Sequence[nn.Linear],
-                 relevance: torch.Tensor) -> list[torch.Tensor]:
-    """The token read-out y = (1/k)·Σ_h (x_h W_hᵀ + b_h) of k linear heads on k tokens.
-
-    One head (class token) is :func:`linear_rule`. Two heads are the distilled DeiT's eval output
-    (head(CLS) + head_dist(DIST))/2, a single linear map of the concatenation [CLS; DIST] with
-    weight [W₁/2, W₂/2]: each token gets G_h,i = Σ_j 2(x_h,i w_h,ji / k)⁺ s_j with s = R/|y| of the
-    averaged logits, and P± is split between the tokens in proportion to their ΣG± (as every
-    two-input rule here; since a linear map's G± are sign-definite, this equals the linear rule
-    on the concatenation, bias excluded).
-    The literal composition (add rule on the two half-logits, then each head) would weigh the
-    heads by the signs of the half-logits themselves: a target whose logit is negative in both
-    heads would pass no positive relevance at all, where a single head's linear rule still
-    passes it through the positive contributions.
-
-    Args:
-        inputs: k tensors (B, D), the inputs of the heads.
-        heads: the k linear heads (out = C).
-        relevance: (B, C) relevance of the read-out.
-
-    Returns:
-        k tensors (B, D), the relevance of each read-out token.
-    """
-    k = len(heads)
-    if k == 1:
-        return [linear_rule(inputs[0], heads[0].weight, heads[0].bias, relevance)]
-    dtype = relevance.dtype
-    weights = [h.weight.to(dtype) for h in heads]
-    y = sum(F.linear(x, w, None if h.bias is None else h.bias.to(dtype))
-            for x, w, h in zip(inputs, weights, heads, strict=True)) / k
-    s = _scaled(relevance, y)
-    return share(relevance, [
-        _split_by_sign(lambda t, x=x, wt=w.T / k: _positive_product(x, wt, t), s)
-        for x, w in zip(inputs, weights, strict=True)
-    ])
-
-
-def matmul_rule(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = a @ b (batched, twin |a| @ |b|): R (…, n, m) → (R_a (…, n, k), R_b (…, k, m)).
-
-    Used for q·kᵀ (a = q·scale, b = kᵀ; the positive scale factors out of x ⊙ J) and for A·V.
-    """
-    s = _scaled(relevance, a @ b)
-    at, bt = a.transpose(-2, -1), b.transpose(-2, -1)
-    g_a = _split_by_sign(lambda t: _positive_product(a, b, t), s)
-    g_b = _split_by_sign(lambda t: _positive_product(bt, at, t.transpose(-2, -1))
-                         .transpose(-2, -1), s)
-    r_a, r_b = share(relevance, [g_a, g_b])
-    return r_a, r_b
-
-
-def add_rule(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = a + b (twin |a| + |b|): G_a = 2a⁺ ⊙ s; ``b`` may broadcast against ``a``."""
-    b = b.expand_as(a)
-    s = _scaled(relevance, a + b)
-    r_a, r_b = share(relevance, [_split_by_sign(lambda t: 2 * a.clamp(min=0) * t, s),
-                                 _split_by_sign(lambda t: 2 * b.clamp(min=0) * t, s)])
-    return r_a, r_b
-
-
-def scale_rule(x: torch.Tensor, gamma: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """LayerScale y = γ ⊙ x (twin |γ||x|): G = 2(γx)⁺ ⊙ s."""
-    y = x * gamma.to(x.dtype)
-    return share(relevance, [_split_by_sign(lambda t: 2 * y.clamp(min=0) * t,
-                                            _scaled(relevance, y))])[0]
-
-
-def layernorm_rule(x: torch.Tensor, norm: nn.LayerNorm, relevance: torch.Tensor
-                   ) -> torch.Tensor:
-    """LayerNorm over the last axis, twin |(x−μ)/σ|·|γ| + |β| with μ and σ detached.
-
-    ∂(y + y_abs)/∂x = (γ + |γ|·sgn((x−μ)/σ))/σ, so G = x ⊙ that ⊙ s. G is not sign-definite
-    (x, not x − μ, multiplies it), so only each stream's L1 mass is kept.
-    """
-    d = x.shape[-1]
-    gamma = torch.ones(d, dtype=x.dtype, device=x.device) if norm.weight is None \
-        else norm.weight.to(x.dtype)
-    beta = None if norm.bias is None else norm.bias.to(x.dtype)
-    y = F.layer_norm(x, (d,), gamma, beta, norm.eps)
-    mu = x.mean(dim=-1, keepdim=True)
-    sigma = (x.var(dim=-1, unbiased=False, keepdim=True) + norm.eps).sqrt()
-    slope = x * (gamma + gamma.abs() * torch.sign(x - mu)) / sigma
-    return share(relevance, [_split_by_sign(lambda t: slope * t, _scaled(relevance, y))])[0]
-
-
-def softmax_rule(x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
-    """Softmax over the last axis, twin y_abs = y with max and denominator detached.
-
-    ∂(y + y_abs)/∂x = diag(2y), so G± = 2 x ⊙ y ⊙ s± = 2 x ⊙ R± (where y > 0): R_in ∝ x ⊙ R.
-    """
-    y = x.softmax(dim=-1)
-    slope = 2 * x * y
-    return share(relevance, [_split_by_sign(lambda t: slope * t, _scaled(relevance, y))])[0]
-
-
-def activation_rule(x: torch.Tensor, act: nn.Module, relevance: torch.Tensor) -> torch.Tensor:
-    """Elementwise activation y = f(x), twin |f(x)|: G = x ⊙ f′(x)(1 + sgn f(x)) ⊙ s.
-
-    Local autograd through ``act`` on the recorded input, so GELU, tanh-GELU or QuickGELU all
-    get their exact derivative.
-    """
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        y = act(xg)
-        twin_sum = y + y.abs()
-        s = _scaled(relevance, y.detach())
-        (j_pos,) = torch.autograd.grad(twin_sum, xg, s.clamp(min=0), retain_graph=True)
-        (j_neg,) = torch.autograd.grad(twin_sum, xg, s.clamp(max=0))
-    return share(relevance, [(x * j_pos, x * j_neg)])[0]
-
-
-def patch_conv_rule(images: torch.Tensor, conv: nn.Conv2d, relevance: torch.Tensor
-                    ) -> torch.Tensor:
-    """The patch embedding (kernel = stride = p, no padding) as a linear map on unfolded patches.
-
-    Args:
-        images: (B, 3, H, W) the model's normalised input.
-        relevance: (B, Np, D) relevance of the patch embeddings, patches row by row.
-
-    Returns:
-        (B, 3, H, W) relevance of the normalised input.
-    """
-    kernel = conv.kernel_size
-    cols = F.unfold(images, kernel, stride=kernel).transpose(1, 2)  # (B, Np, 3·p·p)
-    r_cols = linear_rule(cols, conv.weight.flatten(1), conv.bias, relevance)
-    return F.fold(r_cols.transpose(1, 2), images.shape[-2:], kernel, stride=kernel)
-
 
 # --- the pass through a timm ViT ------------------------------------------------------------
 
@@ -383,37 +179,38 @@ def _block_rule(blk: nn.Module, act: dict[str, torch.Tensor], relevance: torch.T
     """Relevance of a timm Block's input from that of its output (B, N, D)."""
     mlp, attn = blk.mlp, blk.attn
     # MLP residual: out = x1 + ls2(fc2(act(fc1(norm2(x1)))))
-    r_skip, r_branch = add_rule(act["x1"], act["b2"], relevance)
+    r_skip, r_branch = abs_add_rule(act["x1"], act["b2"], relevance)
     if _is(blk.ls2, "LayerScale"):
         fc2_out = F.linear(act["g1"], mlp.fc2.weight.to(r_branch.dtype),
                            None if mlp.fc2.bias is None else mlp.fc2.bias.to(r_branch.dtype))
-        r_branch = scale_rule(fc2_out, blk.ls2.gamma, r_branch)
-    r_branch = linear_rule(act["g1"], mlp.fc2.weight, mlp.fc2.bias, r_branch)
-    r_branch = activation_rule(act["f1"], mlp.act, r_branch)
-    r_branch = linear_rule(act["h2"], mlp.fc1.weight, mlp.fc1.bias, r_branch)
-    r_branch = layernorm_rule(act["x1"], blk.norm2, r_branch)
+        r_branch = abs_scale_rule(fc2_out, blk.ls2.gamma, r_branch)
+    r_branch = abs_linear_rule(act["g1"], mlp.fc2.weight, mlp.fc2.bias, r_branch)
+    r_branch = abs_activation_rule(act["f1"], mlp.act, r_branch)
+    r_branch = abs_linear_rule(act["h2"], mlp.fc1.weight, mlp.fc1.bias, r_branch)
+    r_branch = abs_layernorm_rule(act["x1"], blk.norm2, r_branch)
     relevance = r_skip + r_branch  # the fork x1 → (shortcut, norm2) sums its relevances
     # attention residual: x1 = x + ls1(proj(A·V))
-    r_skip, r_branch = add_rule(act["x"], act["b1"], relevance)
+    r_skip, r_branch = abs_add_rule(act["x"], act["b1"], relevance)
     if _is(blk.ls1, "LayerScale"):
         proj_out = F.linear(act["o"], attn.proj.weight.to(r_branch.dtype),
                             None if attn.proj.bias is None
                             else attn.proj.bias.to(r_branch.dtype))
-        r_branch = scale_rule(proj_out, blk.ls1.gamma, r_branch)
-    r_o = linear_rule(act["o"], attn.proj.weight, attn.proj.bias, r_branch)
+        r_branch = abs_scale_rule(proj_out, blk.ls1.gamma, r_branch)
+    r_o = abs_linear_rule(act["o"], attn.proj.weight, attn.proj.bias, r_branch)
     b, n, _ = r_o.shape
     h, d = attn.num_heads, attn.head_dim
     q, k, v = act["qkv"].reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
     q = q * attn.scale
     kt = k.transpose(-2, -1)
     scores = q @ kt  # (B, h, N, N) pre-softmax, as timm's non-fused path computes it
-    r_attn, r_v = matmul_rule(scores.softmax(dim=-1), v, r_o.reshape(b, n, h, d).transpose(1, 2))
-    r_scores = softmax_rule(scores, r_attn)
-    r_q, r_kt = matmul_rule(q, kt, r_scores)
+    r_attn, r_v = abs_matmul_rule(scores.softmax(dim=-1), v,
+                                  r_o.reshape(b, n, h, d).transpose(1, 2))
+    r_scores = abs_softmax_rule(scores, r_attn)
+    r_q, r_kt = abs_matmul_rule(q, kt, r_scores)
     r_qkv = torch.stack([r_q, r_kt.transpose(-2, -1), r_v])  # (3, B, h, N, d)
     r_qkv = r_qkv.permute(1, 3, 0, 2, 4).reshape(b, n, 3 * h * d)
-    r_branch = linear_rule(act["h1"], attn.qkv.weight, attn.qkv.bias, r_qkv)
-    r_branch = layernorm_rule(act["x"], blk.norm1, r_branch)
+    r_branch = abs_linear_rule(act["h1"], attn.qkv.weight, attn.qkv.bias, r_qkv)
+    r_branch = abs_layernorm_rule(act["x"], blk.norm1, r_branch)
     return r_skip + r_branch
 
 
@@ -430,14 +227,14 @@ def _propagate(adapter: ViTAdapter, cap: Capture, images: torch.Tensor, seed: to
     dtype = images.dtype
     acts = [{name: t.to(dtype) for name, t in a.items()} for a in cap.activations]
     head_inputs = [cap.head_input] + ([cap.head_dist_input] if adapter.distilled else [])
-    r_readout = readout_rule([x.to(dtype) for x in head_inputs], _heads(adapter),
+    r_readout = abs_readout_rule([x.to(dtype) for x in head_inputs], _heads(adapter),
                              seed.to(dtype))
     last = acts[-1]["x1"] + acts[-1]["b2"]  # final-norm input = last block's output
     relevance = torch.zeros_like(last)
     for i, r in enumerate(r_readout):  # token pooling reads CLS (and DIST) only
         relevance[:, i] = r
     if isinstance(model.norm, nn.LayerNorm):
-        relevance = layernorm_rule(last, model.norm, relevance)
+        relevance = abs_layernorm_rule(last, model.norm, relevance)
     block_input: list[torch.Tensor] = []
     for layer in range(adapter.depth - 1, -1, -1):
         relevance = _block_rule(adapter.blocks[layer], acts[layer], relevance)
@@ -451,17 +248,17 @@ def _propagate(adapter: ViTAdapter, cap: Capture, images: torch.Tensor, seed: to
             stem = torch.cat([prefix, patches + pos], dim=1)
         else:
             stem = torch.cat([prefix, patches], dim=1) + pos
-        relevance = layernorm_rule(stem, model.norm_pre, relevance)
+        relevance = abs_layernorm_rule(stem, model.norm_pre, relevance)
     r_pos = None
     if pos is None:
         r_prefix, r_patches = relevance[:, :p], relevance[:, p:]
     elif model.no_embed_class:
         r_prefix = relevance[:, :p]
-        r_patches, r_pos = add_rule(patches, pos, relevance[:, p:])
+        r_patches, r_pos = abs_add_rule(patches, pos, relevance[:, p:])
     else:
-        r_tokens, r_pos = add_rule(torch.cat([prefix, patches], dim=1), pos, relevance)
+        r_tokens, r_pos = abs_add_rule(torch.cat([prefix, patches], dim=1), pos, relevance)
         r_prefix, r_patches = r_tokens[:, :p], r_tokens[:, p:]
-    pixels = patch_conv_rule(images, model.patch_embed.proj, r_patches)
+    pixels = abs_patch_conv_rule(images, model.patch_embed.proj, r_patches)
     return AbsLRPPass(pixels, r_patches, r_prefix, r_pos, block_input)
 
 
