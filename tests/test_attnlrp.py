@@ -135,7 +135,7 @@ def test_cplrp_conserves_logit_with_zero_constants(gamma: float) -> None:
     torch.testing.assert_close(pixel.maps.sum(dim=(1, 2)), y, rtol=1e-9, atol=0.0)
     torch.testing.assert_close(pixel.channels.sum(dim=(1, 2, 3)), y, rtol=1e-9, atol=0.0)
     # with the patch conv's bias zero, the token map carries the same total
-    token = attribute("cp_lrp", a, x, t, gamma=gamma, output="token")
+    token = attribute("cp_lrp", a, x, t, gamma=gamma, space="token")
     torch.testing.assert_close(token.native.sum(dim=(1, 2)), y, rtol=1e-9, atol=0.0)
     # full AttnLRP is not conservative: only check that it gives a finite, different answer
     full = attribute("attnlrp", a, x, t, gamma=gamma).maps
@@ -272,13 +272,13 @@ def test_modes_differ_and_gamma_changes_map() -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("output", ["pixel", "token"])
-def test_batch_equals_per_image(mode: str, output: str) -> None:
+@pytest.mark.parametrize("space", ["pixel", "token"])
+def test_batch_equals_per_image(mode: str, space: str) -> None:
     a = tiny_vit(dtype=torch.float64, reg_tokens=1)
     x = images_for(a, n=3)
     t = torch.tensor([2, 5, 5])
-    batch = lrp_relevance(a, x, t, mode, gamma=0.1, output=output)
-    single = torch.cat([lrp_relevance(a, x[i:i + 1], t[i:i + 1], mode, gamma=0.1, output=output)
+    batch = lrp_relevance(a, x, t, mode, gamma=0.1, space=space)
+    single = torch.cat([lrp_relevance(a, x[i:i + 1], t[i:i + 1], mode, gamma=0.1, space=space)
                         for i in range(3)])
     torch.testing.assert_close(batch, single, rtol=0, atol=1e-10)
 
@@ -291,7 +291,7 @@ def test_attribution_shapes_cost_and_registry() -> None:
     assert r.channels.shape == (2, 3, 32, 32) and r.maps.shape == (2, 32, 32)
     torch.testing.assert_close(r.maps, r.channels.sum(dim=1))
     assert (r.cost.forward, r.cost.backward) == (1, 1)
-    tok = attribute("AttnLRP", a, x, output="token")
+    tok = attribute("AttnLRP", a, x, space="token")
     assert tok.native.shape == (2, 4, 4) and tok.maps.shape == (2, 32, 32)
     for name in ("attnlrp", "cp_lrp", "cplrp"):
         spec = get_method(name)
@@ -307,7 +307,10 @@ def test_invalid_parameters_are_named() -> None:
         attribute("cp_lrp", a, x, gamma=-1.0)
     with pytest.raises(ValueError, match="gamma"), lrp_rules(a, "attnlrp", gamma=-1.0):
         pass
-    with pytest.raises(ValueError, match="output"):
-        attribute("attnlrp", a, x, output="patch")
+    with pytest.raises(ValueError, match="space"):
+        attribute("attnlrp", a, x, space="patch")
+    with pytest.warns(FutureWarning, match="attnlrp.output is deprecated"):
+        old = attribute("attnlrp", a, x, output="token")
+    assert torch.equal(old.maps, attribute("attnlrp", a, x, space="token").maps)
     with pytest.raises(ValueError, match="mode"), lrp_rules(a, "lrp"):  # type: ignore[arg-type]
         pass

@@ -89,7 +89,7 @@ def _run(method: str, adapter, x: torch.Tensor, targets, ids: list[int]):
 
 
 def _check_native(r, b: int, size: tuple[int, int], grid: tuple[int, int]) -> None:
-    if r.native_kind == "patch":
+    if r.native_kind == "token":
         assert r.native.shape == (b, *grid)
     elif r.native_kind == "pixel":
         assert r.native.shape == (b, *size)
@@ -146,17 +146,14 @@ def test_cnn_runs_model_agnostic_methods_and_rejects_vit_only(method):
 # --- token-space variants: features on the patch grid of each layout --------------------------
 
 def _token_variant(method: str) -> dict | None:
-    """Parameters that move a method onto the patch grid (``space="token"`` for perturbation
-    methods, ``output="token"`` for AttnLRP/CP-LRP), or None where its parameters take neither."""
-    spec = METHODS[method]
-    for extra in (dict(space="token"), dict(output="token")):
-        kw = dict(FAST.get(method, {}), **extra)
-        try:
-            spec.make_params(**kw)
-        except ValueError:
-            continue
-        return kw
-    return None
+    """Parameters that move a method onto the patch grid (``space="token"``: perturbation
+    methods, AttnLRP, CP-LRP), or None where it has no such parameter."""
+    kw = dict(FAST.get(method, {}), space="token")
+    try:
+        METHODS[method].make_params(**kw)
+    except ValueError:
+        return None
+    return kw
 
 
 TOKEN_METHODS = [m for m in sorted(METHODS) if _token_variant(m) is not None]
@@ -174,7 +171,7 @@ def test_token_space_variant_on_layout(method, name):
     if r.native_kind == "superpixel":  # LIME / KernelSHAP: one feature per patch
         assert r.native.shape == (2, adapter.grid_size[0] * adapter.grid_size[1])
     else:
-        assert r.native_kind == "patch" and r.native.shape == (2, *adapter.grid_size)
+        assert r.native_kind == "token" and r.native.shape == (2, *adapter.grid_size)
     single = attribute(method, adapter, x[1:], TARGETS[1:],
                        context=BatchContext.for_batch(1, seed=7, image_ids=[1]), **kw)
     torch.testing.assert_close(single.maps[0], r.maps[1], rtol=0, atol=1e-8)

@@ -58,12 +58,12 @@ def test_registered_with_aliases() -> None:
 
 @pytest.mark.parametrize(("method", "kw", "kind", "forward"), [
     ("rise", {"n_samples": 20}, "pixel", 20),
-    ("rise", {"n_samples": 20, "grid": 2, "space": "token"}, "patch", 20),
+    ("rise", {"n_samples": 20, "grid": 2, "space": "token"}, "token", 20),
     ("occlusion", {}, "pixel", 10),  # windows at 0, 8, 16 per axis, plus f(x)
-    ("occlusion", {"space": "token"}, "patch", 10),  # 2-patch window, 1-patch step on 4×4
-    ("occlusion", {"window": 12, "stride": 4, "space": "token"}, "patch", 10),
-    ("lime", {"n_samples": 30, "space": "token"}, "patch", 30),
-    ("kernel_shap", {"n_samples": 30, "space": "token"}, "patch", 30),
+    ("occlusion", {"space": "token"}, "token", 10),  # 2-patch window, 1-patch step on 4×4
+    ("occlusion", {"window": 12, "stride": 4, "space": "token"}, "token", 10),
+    ("lime", {"n_samples": 30, "space": "token"}, "token", 30),
+    ("kernel_shap", {"n_samples": 30, "space": "token"}, "token", 30),
 ])
 def test_shapes_and_cost(vit64, method, kw, kind, forward) -> None:
     x = images_for(vit64, 2)
@@ -71,7 +71,7 @@ def test_shapes_and_cost(vit64, method, kw, kind, forward) -> None:
     assert r.maps.shape == (2, 32, 32) and r.native_kind == kind
     assert r.native.shape == ((2, 32, 32) if kind == "pixel" else (2, 4, 4))
     assert torch.isfinite(r.maps).all() and r.segments is None
-    if kind == "patch":  # each pixel carries its patch's value
+    if kind == "token":  # each pixel carries its patch's value
         torch.testing.assert_close(r.maps, r.native.repeat_interleave(8, 1).repeat_interleave(
             8, 2))
     assert (r.cost.forward, r.cost.backward) == (forward, 0)

@@ -121,13 +121,13 @@ def attention_rollout(adapter: ViTAdapter, images: torch.Tensor, targets: torch.
     readout = readout_row(adapter, n, images.shape[0], attn[0].dtype, attn[0].device)
     row = rollout_row(attn, readout, p)
     native, full = to_patch_map(adapter, row, images)
-    return Attribution("attention_rollout", full, native, "patch", targets, pass_cost(vp, reused))
+    return Attribution("attention_rollout", full, native, "token", targets, pass_cost(vp, reused))
 
 
 def _patch_attribution(name: str, adapter: ViTAdapter, images: torch.Tensor,
                        targets: torch.Tensor, row: torch.Tensor, cost: Cost) -> Attribution:
     native, full = to_patch_map(adapter, row, images)
-    return Attribution(name, full, native, "patch", targets, cost)
+    return Attribution(name, full, native, "token", targets, cost)
 
 
 @dataclass(frozen=True)

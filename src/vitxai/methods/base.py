@@ -29,7 +29,7 @@ from vitxai.params import check_types
 if TYPE_CHECKING:
     from vitxai.models.adapter import ModelAdapter, ViTAdapter
 
-NativeKind = Literal["patch", "superpixel", "pixel"]
+NativeKind = Literal["token", "superpixel", "pixel"]
 #: what a perturbation method reads from the model: the target's softmax probability or logit
 Score = Literal["probability", "logit"]
 SCORES: tuple[str, ...] = ("probability", "logit")
@@ -72,7 +72,7 @@ class Attribution:
         native: the map at the method's own resolution: (B, gh, gw) for patch methods,
             (B, S) superpixel coefficients (NaN-padded to the batch's largest S) for superpixel
             methods, (B, H, W) for pixel methods.
-        native_kind: "patch", "superpixel" or "pixel".
+        native_kind: "token" (the patch-token grid), "superpixel" or "pixel".
         targets: (B,) long, the class each map explains.
         cost: passes and seconds spent.
         segments: (B, H, W) int64 superpixel labels in [0, S) when ``native_kind`` is

@@ -62,7 +62,7 @@ from vitxai.methods.base import (
     to_patch_map,
 )
 from vitxai.models.adapter import ViTAdapter
-from vitxai.params import check_range
+from vitxai.params import check_choice, check_range
 
 Mode = Literal["attnlrp", "cplrp"]
 
@@ -276,18 +276,17 @@ class AttnLRPParams:
         gamma: γ of the Linear γ-rule, ≥ 0. 0 (default) = ε-rule, i.e. the plain gradient;
             the authors tune γ per model (LXT's ViT example sweeps 0 … 1), there is no canonical
             value.
-        output: "pixel": Σ over channels of x ⊙ ∂̃y_c/∂x on the normalised input, (B, H, W);
+        space: "pixel": Σ over channels of x ⊙ ∂̃y_c/∂x on the normalised input, (B, H, W);
             "token": Σ over the embedding of e ⊙ ∂̃y_c/∂e at the patch-embedding output,
             (B, gh, gw), upsampled bilinearly.
     """
 
     gamma: float = 0.0
-    output: Literal["pixel", "token"] = "pixel"
+    space: Literal["pixel", "token"] = "pixel"
 
     def __post_init__(self) -> None:
         check_range("gamma", self.gamma, 0.0, None)
-        if self.output not in ("pixel", "token"):
-            raise ValueError(f"parameter output={self.output!r} must be 'pixel' or 'token'")
+        check_choice("space", self.space, ("pixel", "token"))
 
 
 @dataclass(frozen=True)
@@ -296,7 +295,7 @@ class CPLRPParams(AttnLRPParams):
 
 
 def lrp_relevance(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
-                  mode: Mode, gamma: float = 0.0, output: Literal["pixel", "token"] = "pixel"
+                  mode: Mode, gamma: float = 0.0, space: Literal["pixel", "token"] = "pixel"
                   ) -> torch.Tensor:
     """Relevance of y_{b, targets[b]} under the rules, one forward and one backward per batch.
 
@@ -304,7 +303,7 @@ def lrp_relevance(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tens
         images: (B, 3, H, W) unnormalised in [0, 1].
         targets: (B,) class per image.
         mode, gamma: as for :func:`lrp_rules`.
-        output: "pixel" or "token", see below.
+        space: "pixel" or "token", see below.
 
     Returns:
         "pixel": (B, 3, H, W) x ⊙ ∂̃y/∂x with x = ``adapter.normalize(images)`` (relevance lives
@@ -314,17 +313,17 @@ def lrp_relevance(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tens
     x = adapter.normalize(images).detach().requires_grad_(True)
     embedded: list[torch.Tensor] = []
     with ExitStack() as stack:
-        if output == "token":
+        if space == "token":
             handle = adapter.model.patch_embed.register_forward_hook(
                 lambda _m, _i, out: embedded.append(out))
             stack.callback(handle.remove)
         model = stack.enter_context(lrp_rules(adapter, mode, gamma))
         logits = model(x)
         y = logits.gather(1, targets.to(logits.device)[:, None]).sum()
-        wrt = x if output == "pixel" else embedded[0]
+        wrt = x if space == "pixel" else embedded[0]
         (grad,) = torch.autograd.grad(y, wrt)
     relevance = wrt.detach() * grad
-    if output == "token":
+    if space == "token":
         return relevance.reshape(relevance.shape[0], -1, relevance.shape[-1]).sum(dim=-1)
     return relevance
 
@@ -332,13 +331,13 @@ def lrp_relevance(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tens
 def _lrp_attribution(name: str, adapter: ViTAdapter, images: torch.Tensor,
                      targets: torch.Tensor, p: AttnLRPParams, mode: Mode) -> Attribution:
     start = time.perf_counter()
-    relevance = lrp_relevance(adapter, images, targets, mode, p.gamma, p.output)
+    relevance = lrp_relevance(adapter, images, targets, mode, p.gamma, p.space)
     cost = Cost(forward=1, backward=1, seconds=time.perf_counter() - start)
-    if p.output == "pixel":
+    if p.space == "pixel":
         return pixel_attribution(name, relevance, targets, cost)
     row = F.pad(relevance, (adapter.num_prefix_tokens, 0))  # to_patch_map drops the prefix
     native, maps = to_patch_map(adapter, row, images)
-    return Attribution(name, maps, native, "patch", targets, cost)
+    return Attribution(name, maps, native, "token", targets, cost)
 
 
 _PAPER = ("Achtibat et al. 2024, 'AttnLRP: Attention-Aware Layer-Wise Relevance Propagation "
@@ -348,6 +347,7 @@ _PAPER = ("Achtibat et al. 2024, 'AttnLRP: Attention-Aware Layer-Wise Relevance 
 @register_method(
     "attnlrp",
     params=AttnLRPParams,
+    renamed={"output": "space"},
     family="lrp",
     vit_only=True,
     aliases=("AttnLRP",),
@@ -363,6 +363,7 @@ def attnlrp(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
 @register_method(
     "cp_lrp",
     params=CPLRPParams,
+    renamed={"output": "space"},
     family="lrp",
     vit_only=True,
     aliases=("CP-LRP", "cplrp"),

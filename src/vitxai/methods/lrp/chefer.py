@@ -199,7 +199,7 @@ def _patch_attribution(name: str, adapter: ViTAdapter, images: torch.Tensor,
                        ) -> Attribution:
     """A read-out row (B, N) as a patch map, with the cost of the pass and the relevance pass."""
     native, full = to_patch_map(adapter, row, images)
-    return Attribution(name, full, native, "patch", targets, _lrp_cost(vp, reused))
+    return Attribution(name, full, native, "token", targets, _lrp_cost(vp, reused))
 
 
 @register_method(

@@ -9,7 +9,7 @@ patches for the ``token_baseline`` embedding, keeping the sequence length, see
 :func:`token_masking`). In token space the
 features live on the patch grid: LIME and KernelSHAP use every patch as a feature (instead of
 superpixels), RISE draws its masks on the patch grid, and occlusion slides its window over it;
-maps are then (B, gh, gw) "patch" natives, nearest-upsampled so each pixel gets its patch's value.
+maps are then (B, gh, gw) "token" natives, nearest-upsampled so each pixel gets its patch's value.
 
 LIME and KernelSHAP explain a prediction by switching features off, evaluating the model on many
 such coalitions, and fitting a linear model of the target score on the binary "kept"

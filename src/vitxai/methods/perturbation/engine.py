@@ -210,7 +210,7 @@ def evaluate_coalitions(
 def grid_attribution(method: str, native: torch.Tensor, space: Space, images: torch.Tensor,
                      targets: torch.Tensor, cost: Cost) -> Attribution:
     """Wrap a map on the pixel grid ((B, H, W) "pixel" natives, ``space="pixel"``) or on the
-    patch grid ((B, gh, gw) "patch" natives, upsampled by :func:`patch_map`)."""
+    patch grid ((B, gh, gw) "token" natives, upsampled by :func:`patch_map`)."""
     if space == "pixel":
         return Attribution(method, native, native, "pixel", targets, cost)
-    return Attribution(method, patch_map(native, images), native, "patch", targets, cost)
+    return Attribution(method, patch_map(native, images), native, "token", targets, cost)

@@ -98,7 +98,7 @@ def _window_indicators(size: int, window: int, stride: int, device: torch.device
 )
 def occlusion(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
               params: OcclusionParams, context: BatchContext) -> Attribution:
-    """Occlusion map; (B, H, W) "pixel" natives, or (B, gh, gw) "patch" natives in token space.
+    """Occlusion map; (B, H, W) "pixel" natives, or (B, gh, gw) "token" natives in token space.
 
     Row 0 of each image is the unoccluded input (f(x)), rows 1.. one window each; a pixel's
     value is the mean of f(x) − f(x with window removed) over the windows that cover it.

@@ -132,7 +132,7 @@ def rise_masks(grids: torch.Tensor, shifts: torch.Tensor, size: tuple[int, int],
 )
 def rise(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
          params: RiseParams, context: BatchContext) -> Attribution:
-    """RISE saliency; (B, H, W) "pixel" natives, or (B, gh, gw) "patch" natives in token space.
+    """RISE saliency; (B, H, W) "pixel" natives, or (B, gh, gw) "token" natives in token space.
 
     Grids, shifts and the random baseline are drawn per image, so a batch equals its images
     one by one; masks are built chunk by chunk inside the engine and accumulated there.

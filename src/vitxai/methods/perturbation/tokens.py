@@ -3,7 +3,7 @@
 With ``space="token"`` the perturbation methods mask patch tokens instead of pixels: a forward
 hook on ``patch_embed`` (:func:`token_masking`) swaps the embeddings of masked patches for a
 baseline embedding, keeping the sequence length. The features then live on the patch grid and
-maps are (B, gh, gw) "patch" natives, nearest-upsampled by :func:`patch_map` so each pixel gets
+maps are (B, gh, gw) "token" natives, nearest-upsampled by :func:`patch_map` so each pixel gets
 its patch's value.
 """
 
