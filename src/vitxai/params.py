@@ -119,3 +119,11 @@ def check_batch_size(name: str, value: int | None) -> None:
     or a chunk size ≥ 1; otherwise a one-line ValueError."""
     if value is not None:
         check_range(name, value, 1, None)
+
+
+def block_index(name: str, value: int, depth: int) -> int:
+    """A block index in [−depth, depth) as Python counts (−1 = the last block) → [0, depth);
+    else a one-line ValueError."""
+    if not -depth <= value < depth:
+        raise ValueError(f"parameter {name}={value} is out of range [-{depth}, {depth})")
+    return value % depth

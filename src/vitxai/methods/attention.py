@@ -19,7 +19,7 @@ from vitxai.methods.vit_pass import (
     vit_pass,
 )
 from vitxai.models.adapter import ViTAdapter
-from vitxai.params import check_range
+from vitxai.params import block_index, check_range
 
 
 def fuse_heads(attention: torch.Tensor, fusion: str) -> torch.Tensor:
@@ -157,13 +157,11 @@ class RawAttentionParams:
 def raw_attention(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
                   p: RawAttentionParams, context: BatchContext) -> Attribution:
     """Class-agnostic: readoutᵀ·A_layer (mean over heads or one head)."""
-    if not -adapter.depth <= p.layer < adapter.depth:
-        raise ValueError(f"parameter layer={p.layer} is out of range [-{adapter.depth}, "
-                         f"{adapter.depth})")
+    layer = block_index("layer", p.layer, adapter.depth)
     if p.head is not None and not 0 <= p.head < adapter.num_heads:
         raise ValueError(f"parameter head={p.head} is out of range [0, {adapter.num_heads})")
     vp, reused = vit_pass(adapter, images, targets, context, gradients=False)
-    a = vp.capture.attention_maps()[p.layer].detach()
+    a = vp.capture.attention_maps()[layer].detach()
     a = a.mean(dim=1) if p.head is None else a[:, p.head]
     readout = readout_row(adapter, a.shape[-1], a.shape[0], a.dtype, a.device)
     row = torch.bmm(readout.unsqueeze(1), a).squeeze(1)
@@ -266,10 +264,7 @@ class Chefer2021bParams:
 def chefer2021b(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
                 p: Chefer2021bParams, context: BatchContext) -> Attribution:
     """Equals (I + Ā_{L−1})…(I + Ā_s) with Ā = mean_h max(G ⊙ A, 0) (docs/methods.md §4)."""
-    start = p.start_layer + adapter.depth if p.start_layer < 0 else p.start_layer
-    if not 0 <= start < adapter.depth:
-        raise ValueError(f"parameter start_layer={p.start_layer} is out of range "
-                         f"[-{adapter.depth}, {adapter.depth})")
+    start = block_index("start_layer", p.start_layer, adapter.depth)
     vp, reused = vit_pass(adapter, images, targets, context, gradients=True)
     attn = vp.capture.attention_maps()
     grads = vp.capture.gradient_maps()

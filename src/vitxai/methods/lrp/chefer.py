@@ -35,7 +35,7 @@ from vitxai.methods.lrp.rules import (
 )
 from vitxai.methods.vit_pass import pass_cost, readout_row, residual_product_row, vit_pass
 from vitxai.models.adapter import ViTAdapter
-from vitxai.params import check_range
+from vitxai.params import block_index, check_range
 
 RELEVANCE = CacheKey("relevance")  # (pass, layer it stopped at, relevance) of Chefer's pass
 
@@ -249,10 +249,7 @@ class LastLayerParams:
 )
 def chefer_last_layer(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor,
                       p: LastLayerParams, context: BatchContext) -> Attribution:
-    layer = p.layer + adapter.depth if p.layer < 0 else p.layer
-    if not 0 <= layer < adapter.depth:
-        raise ValueError(f"parameter layer={p.layer} is out of range "
-                         f"[-{adapter.depth}, {adapter.depth})")
+    layer = block_index("layer", p.layer, adapter.depth)
     vp, reused, rel = _relevance(adapter, images, targets, context, layer)
     r_a = rel.attention_relevance[layer]
     if p.ablation:
