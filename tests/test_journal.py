@@ -341,3 +341,16 @@ def test_a_run_recorded_with_deprecated_names_resumes(forker, reference, tmp_pat
     assert code == 0, err[-2000:]
     _assert_same_run(reference, out)
     assert main(["evaluate", str(out), "--steps", "2", "--no-progress"]) == 0
+
+
+def test_deprecated_evaluation_options_still_work(evaluated, tmp_path):
+    out = _copy(evaluated, tmp_path)
+    with pytest.warns(FutureWarning, match="--unit is deprecated"):
+        assert main(["evaluate", str(out), "--steps", "4", "--no-progress", "--unit", "patch",
+                     "--baseline", "zero"]) == 0
+    assert json.loads((out / "evaluation.json").read_text())["settings"]["space"] == "token"
+    new = tmp_path / "new"
+    shutil.copytree(evaluated, new)
+    assert main(["evaluate", str(new), "--steps", "4", "--no-progress"]) == 0
+    assert (out / "per_image_evaluation.csv").read_bytes() == \
+        (new / "per_image_evaluation.csv").read_bytes()
