@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from vitxai.methods.base import BatchContext
+from vitxai.methods.base import BatchContext, CacheKey
 from vitxai.params import build, check_choice, check_instance_types, check_range
 
 
@@ -103,7 +103,7 @@ def segment(images: torch.Tensor, params: SegmentationParams | None = None) -> t
 def shared_segments(context: BatchContext, images: torch.Tensor,
                     params: SegmentationParams) -> torch.Tensor:
     """:func:`segment`, memoised in ``context.cache`` so methods on one batch segment once."""
-    key = ("segments", params, tuple(images.shape))
+    key = CacheKey("segments", (params, tuple(images.shape)))
     labels, _ = context.cached(key, lambda: segment(images, params))
     return labels
 
