@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vitxai.data.datasets import ImageDataset
+    from vitxai.data.transforms import Preprocessing
     from vitxai.models.adapter import ModelAdapter
 
 #: the model of non-synthetic data when none is named (the original comparison's)
@@ -23,6 +24,10 @@ DEFAULT_IMAGENET_MODEL = "vit_base_patch16_224.orig_in21k_ft_in1k"
 #: images of the generated synthetic set when ``n_images`` is None
 SYNTHETIC_DEFAULT_SIZE = 12
 PRECISIONS = ("float32", "bf16", "float64")
+#: keys recorded only when set (None / False is the default), so that runs recorded before
+#: they existed keep their fingerprints
+OPTIONAL_KEYS = ("crop_pct", "resize", "interpolation", "mean", "std", "no_crop", "labels",
+                 "targets", "class_names", "masks", "boxes")
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,17 @@ class RunSource:
         model: "bundled", a timm model name, or None: the bundled ViT for synthetic data,
             else :data:`DEFAULT_IMAGENET_MODEL`.
         checkpoint: local weights of a timm model (.safetensors or torch file).
+        checkpoint_key: the entry of ``checkpoint`` holding the weights (None = found by
+            itself); recorded only when set, so that other runs keep their fingerprints.
         random_weights: do not fetch pretrained weights.
         precision: "float32", "bf16" (bfloat16 autocast forwards) or "float64".
         device: "cpu", "cuda", "cuda:1", ...
+        crop_pct, resize, interpolation, mean, std, no_crop: preprocessing overrides
+            (:class:`vitxai.data.transforms.Preprocessing`; None / False = the model's own).
+        labels, targets: ``file,class`` CSVs of a folder's labels and of the classes to
+            explain; class_names: a text file of class names, one per line.
+        masks: a folder of PNG truth masks (same stem as the images); boxes: truth boxes
+            (CSV, Pascal VOC XML, COCO JSON; :mod:`vitxai.data.annotations`).
     """
 
     data: str = "synthetic"
@@ -54,9 +67,21 @@ class RunSource:
     variant: str = "full"
     model: str | None = None
     checkpoint: str | None = None
+    checkpoint_key: str | None = None
     random_weights: bool = False
     precision: str = "float32"
     device: str = "cpu"
+    crop_pct: float | None = None
+    resize: int | None = None
+    interpolation: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    no_crop: bool = False
+    labels: str | None = None
+    targets: str | None = None
+    class_names: str | None = None
+    masks: str | None = None
+    boxes: str | None = None
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -80,7 +105,15 @@ class RunSource:
 
     def record(self) -> dict[str, Any]:
         """The JSON record (``config["source"]``; part of the run's fingerprint)."""
-        return dataclasses.asdict(self)
+        record = dataclasses.asdict(self)
+        if record["checkpoint_key"] is None:  # recorded only when set (fingerprints hold)
+            del record["checkpoint_key"]
+        for key in OPTIONAL_KEYS:  # the same for the preprocessing and annotation options
+            if record[key] in (None, False):
+                del record[key]
+            elif isinstance(record[key], tuple):
+                record[key] = list(record[key])
+        return record
 
     @property
     def model_name(self) -> str:
@@ -97,7 +130,21 @@ class RunSource:
             FileNotFoundError: the data is not there.
         """
         adapter, notes = self.load_model()
-        return adapter, self.load_dataset(adapter), notes
+        dataset = self.load_dataset(adapter)
+        transform = getattr(dataset, "transform", None)
+        if hasattr(transform, "describe"):
+            notes.append(f"preprocessing: {transform.describe()}")
+        elif self.mean is not None or self.std is not None:
+            mean, std = self.preprocessing.normalisation(adapter.data_config)
+            notes.append(f"preprocessing: normalise with mean {mean} std {std}")
+        return adapter, dataset, notes
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing overrides (:class:`vitxai.data.transforms.Preprocessing`)."""
+        from vitxai.data.transforms import Preprocessing
+
+        return Preprocessing.from_values(dataclasses.asdict(self))
 
     def load_model(self) -> tuple[ModelAdapter, list[str]]:
         """(adapter, notes) of the model."""
@@ -109,11 +156,12 @@ class RunSource:
             raise ValueError(f"precision={self.precision!r} is not one of "
                              f"{', '.join(map(repr, PRECISIONS))}")
         notes: list[str] = []
+        preprocessing = self.preprocessing  # bad values fail before the model loads
         name = self.model_name
         if name == "bundled":
             from vitxai.models.bundled import load_bundled_model
 
-            if self.checkpoint:
+            if self.checkpoint or self.checkpoint_key:
                 raise ValueError("checkpoint needs a timm model name (the bundled model has "
                                  "its own weights)")
             adapter = load_bundled_model(device=self.device)
@@ -121,7 +169,8 @@ class RunSource:
                          "ground-truth benchmark (not an ImageNet model)")
         else:
             adapter = load_model(name, pretrained=not self.random_weights,
-                                 checkpoint=self.checkpoint, device=self.device)
+                                 checkpoint=self.checkpoint,
+                                 checkpoint_key=self.checkpoint_key, device=self.device)
             if self.random_weights and not self.checkpoint:
                 notes.append(f"{name} has RANDOM weights (random_weights)")
         if self.precision == "float64":
@@ -130,13 +179,31 @@ class RunSource:
             adapter.set_precision("bf16")
             notes.append("forward passes in bfloat16 autocast (precision bf16); maps, masks "
                          "and solves in float32")
+        if preprocessing.mean is not None or preprocessing.std is not None:
+            mean, std = preprocessing.normalisation(adapter.data_config)
+            adapter.mean = torch.tensor(mean, dtype=adapter.mean.dtype,
+                                        device=adapter.mean.device).view(1, 3, 1, 1)
+            adapter.std = torch.tensor(std, dtype=adapter.std.dtype,
+                                       device=adapter.std.device).view(1, 3, 1, 1)
+            adapter.data_config = {**adapter.data_config, "mean": mean, "std": std}
         return adapter, notes
 
     def load_dataset(self, adapter: ModelAdapter) -> ImageDataset:
         """The dataset, preprocessed by ``adapter``'s own data config where it applies."""
         from vitxai.data import FolderDataset, Imagenette, eval_transform
 
+        annotations = {k: getattr(self, k) for k in ("labels", "targets", "class_names",
+                                                     "masks", "boxes") if getattr(self, k)}
+        if annotations and self.data in ("synthetic", "imagenette"):
+            raise ValueError(f"{', '.join(annotations)} need a folder of images as data, not "
+                             f"{self.data!r}")
+        transform = eval_transform(adapter.data_config, self.preprocessing)
         if self.data == "synthetic":
+            geometry = {k: v for k, v in self.preprocessing.record().items()
+                        if k not in ("mean", "std")}
+            if geometry:
+                raise ValueError(f"{', '.join(geometry)} do not apply to the synthetic "
+                                 "benchmark (its images are generated at the input size)")
             from vitxai.data.synthetic import SyntheticBenchmark
 
             return SyntheticBenchmark(split=self.split or "single",
@@ -146,5 +213,5 @@ class RunSource:
         if self.data == "imagenette":
             return Imagenette(root=self.data_root, variant=self.variant,
                               split=self.split or "val",
-                              transform=eval_transform(adapter.data_config))
-        return FolderDataset(self.data, transform=eval_transform(adapter.data_config))
+                              transform=transform)
+        return FolderDataset(self.data, transform=transform, **annotations)

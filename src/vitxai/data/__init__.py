@@ -12,16 +12,18 @@ from vitxai.data.datasets import (
 )
 from vitxai.data.imagenette import DownloadError, download_imagenette
 from vitxai.data.images import IMAGE_EXTENSIONS, UnreadableImageError, load_rgb
-from vitxai.data.transforms import eval_transform
+from vitxai.data.transforms import EvalTransform, Preprocessing, eval_transform
 
 __all__ = [
     "IMAGENETTE_CLASSES",
     "IMAGE_EXTENSIONS",
     "Batch",
     "DownloadError",
+    "EvalTransform",
     "FolderDataset",
     "ImageDataset",
     "Imagenette",
+    "Preprocessing",
     "Sample",
     "UnreadableImageError",
     "download_imagenette",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +25,7 @@ import timm.data
 import torch
 from PIL import Image
 
+from vitxai.data import annotations as ann
 from vitxai.data.imagenette import IMAGENETTE_VARIANTS
 from vitxai.data.images import IMAGE_EXTENSIONS, UnreadableImageError, load_rgb
 
@@ -63,6 +65,54 @@ def imagenet_class_name(index: int) -> str:
     return _imagenet_info().index_to_description(index).split(",")[0]
 
 
+def imagenet_names(index: int) -> set[str]:
+    """Every lower-case name of ImageNet-1k class ``index``: its synonyms and WordNet id."""
+    info = _imagenet_info()
+    return ({n.strip().lower() for n in info.index_to_description(index).split(",")}
+            | {info.index_to_label_name(index).lower()})
+
+
+@lru_cache(maxsize=1)
+def _imagenet_lookup() -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """(short name or WordNet id -> indices, any synonym -> indices), lower case."""
+    short: dict[str, list[int]] = {}
+    every: dict[str, list[int]] = {}
+    for i in range(len(_imagenet_info().label_names())):
+        short.setdefault(imagenet_class_name(i).lower(), []).append(i)
+        short.setdefault(_imagenet_info().index_to_label_name(i).lower(), []).append(i)
+        for name in imagenet_names(i):
+            every.setdefault(name, []).append(i)
+    return short, every
+
+
+def class_index(text: str, where: str, names: Sequence[str] | None = None) -> int:
+    """The class index of ``text``: an index, or a name of ``names`` (a user's class list)
+    or else of ImageNet-1k (short name, any synonym or WordNet id; case-insensitive).
+    A one-line ValueError naming ``where`` for unknown or ambiguous names."""
+    text = text.strip()
+    if re.fullmatch(r"\d+", text):
+        index = int(text)
+        if names is not None and index >= len(names):
+            raise ValueError(f"{where}: class index {index} is outside the {len(names)} class "
+                             "names")
+        return index
+    if names is not None:
+        lowered = [n.lower() for n in names]
+        if text.lower() not in lowered:
+            raise ValueError(f"{where}: unknown class name {text!r} (not among the "
+                             f"{len(names)} class names)")
+        return lowered.index(text.lower())
+    short, every = _imagenet_lookup()
+    found = short.get(text.lower()) or every.get(text.lower())
+    if not found:
+        raise ValueError(f"{where}: unknown class name {text!r} (not an ImageNet-1k class; "
+                         "give a class index or a list of class names)")
+    if len(found) > 1:
+        raise ValueError(f"{where}: class name {text!r} is ambiguous (ImageNet-1k classes "
+                         f"{', '.join(map(str, found))}); give the class index")
+    return found[0]
+
+
 @dataclass
 class Sample:
     """One decoded image.
@@ -76,6 +126,7 @@ class Sample:
     mask : bool (H, W) ground truth of the labelled object, if the dataset has one.
     other_label, other_mask : a second object of another class in the same image
         (ground-truth benchmarks); -1 / None when absent.
+    target : the class to explain, where the dataset names one (a targets file); else -1.
     """
 
     index: int
@@ -85,6 +136,7 @@ class Sample:
     mask: torch.Tensor | None = None
     other_label: int = -1
     other_mask: torch.Tensor | None = None
+    target: int = -1
 
 
 class ImageDataset(ABC):
@@ -168,15 +220,38 @@ class _ImageFiles(ImageDataset):
         self.transform = transform
         self.has_labels = any(x >= 0 for x in self.labels)
         self.class_names = {x: imagenet_class_name(x) for x in sorted(set(self.labels)) if x >= 0}
+        self.targets = [-1] * len(self.paths)
+        self._crop_warned = threading.Event()
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _warn_crop(self, i: int, width: int, height: int) -> None:
+        """Warn once per dataset when the transform's crop removes more than
+        :data:`~vitxai.data.transforms.CROP_WARN_FRACTION` of an image's area."""
+        from vitxai.data.transforms import CROP_WARN_FRACTION
+
+        kept = getattr(self.transform, "kept_fraction", None)
+        if kept is None or self._crop_warned.is_set():
+            return
+        lost = 1.0 - kept(width, height)
+        if lost > CROP_WARN_FRACTION:
+            self._crop_warned.set()
+            warnings.warn(f"the crop removes {100 * lost:.0f} % of the area of {self.paths[i]} "
+                          f"({width}×{height}); no_crop=True or crop_pct=1.0 keeps the whole "
+                          "image (warned once)", stacklevel=2)
+
     def load(self, i: int) -> Sample:
         if not 0 <= i < len(self.paths):
             raise IndexError(f"index {i} out of range for {len(self.paths)} images")
-        image = self.transform(load_rgb(self.paths[i]))
-        return Sample(index=i, image=image, label=self.labels[i], path=str(self.paths[i]))
+        img = load_rgb(self.paths[i])
+        self._warn_crop(i, *img.size)
+        image = self.transform(img)
+        return Sample(index=i, image=image, label=self.labels[i], path=str(self.paths[i]),
+                      mask=self._truth(i, img), target=self.targets[i])
+
+    def _truth(self, i: int, img: Image.Image) -> torch.Tensor | None:  # noqa: ARG002
+        return None
 
 
 class FolderDataset(_ImageFiles):
@@ -189,9 +264,34 @@ class FolderDataset(_ImageFiles):
     Labels: an image inside a top-level subfolder named after an ImageNet-1k WordNet id
     (e.g. ``root/n01440764/x.jpg``) gets that class index; all others get -1 and keep their
     top-level folder name in ``folders`` (empty string for files directly in ``root``).
+    A ``labels`` file overrides this rule for the images it lists.
+
+    Files (see :mod:`vitxai.data.annotations` for the formats; images are named by file name
+    or by path relative to ``root``):
+
+    - ``labels``, ``targets``: ``file,class`` CSVs (class index or name) of the labels and of
+      the class to explain per image (``Sample.target``; -1 where not listed).
+    - ``class_names``: one class name per line (index = line number); names in the CSVs and
+      boxes resolve against it, else against ImageNet-1k's names.
+    - ``masks``: a folder of PNG masks with the images' stems (non-zero = object).
+    - ``boxes``: CSV, Pascal VOC XML or COCO JSON; an image's boxes of its target class (the
+      targets file, else its label) where their class names match it, else all of them, are
+      rasterised at the original image size (with the mask, if both are given).
+
+    Truth masks go through the image's own resize and crop (nearest interpolation), so
+    ``Sample.mask`` is bool (H, W) at the input size. An image without truth (no annotation,
+    an empty mask, or nothing left after the crop) is skipped at load with an
+    :class:`UnreadableImageError` saying why, so runs list it. Boxes partly outside their
+    image are clipped with one warning; a box wholly outside, an annotation naming no image
+    of the folder, a mask of another size or a malformed file is a one-line ValueError.
     """
 
-    def __init__(self, root: str | os.PathLike[str], transform: Transform) -> None:
+    def __init__(self, root: str | os.PathLike[str], transform: Transform, *,
+                 labels: str | os.PathLike[str] | None = None,
+                 targets: str | os.PathLike[str] | None = None,
+                 class_names: str | os.PathLike[str] | None = None,
+                 masks: str | os.PathLike[str] | None = None,
+                 boxes: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root)
         if not self.root.exists():
             raise FileNotFoundError(f"image path not found: {self.root}")
@@ -211,14 +311,171 @@ class FolderDataset(_ImageFiles):
         rel = [p.relative_to(self.root).parts for p in paths]  # () for a single file
         self.folders = [parts[0] if len(parts) > 1 else "" for parts in rel]
         index = _imagenet_index()
-        labels = [index.get(f, -1) if _WNID.fullmatch(f) else -1 for f in self.folders]
-        super().__init__(paths, labels, transform)
+        super().__init__(paths, [index.get(f, -1) if _WNID.fullmatch(f) else -1
+                                 for f in self.folders], transform)
         self.name = self.root.name or str(self.root)
+        self.files = {k: v for k, v in (("labels", labels), ("targets", targets),
+                                        ("class_names", class_names), ("masks", masks),
+                                        ("boxes", boxes)) if v is not None}
+        self.mask_files: dict[int, Path] = {}
+        self.boxes: dict[int, list[ann.Box]] = {}
+        if self.files:
+            self._annotate(labels, targets, class_names, masks, boxes)
+
+    # annotations ----------------------------------------------------------------------------
+    def _keys(self) -> tuple[dict[str, int], dict[str, list[int]], dict[str, int],
+                             dict[str, list[int]]]:
+        rel = ([p.relative_to(self.root).as_posix() for p in self.paths]
+               if self.root.is_dir() else [self.root.name])
+        by_rel = {r: i for i, r in enumerate(rel)}
+        by_name: dict[str, list[int]] = {}
+        by_stem: dict[str, list[int]] = {}
+        by_rel_stem: dict[str, int] = {}
+        for i, r in enumerate(rel):
+            by_name.setdefault(r.rsplit("/", 1)[-1], []).append(i)
+            by_stem.setdefault(Path(r).stem, []).append(i)
+            by_rel_stem.setdefault(str(Path(r).with_suffix("").as_posix()), i)
+        return by_rel, by_name, by_rel_stem, by_stem
+
+    def _find(self, key: str, where: str, stem: bool = False) -> int:
+        """The index of the image ``key`` names (relative path, else unique file name or, for
+        masks, stem); a one-line ValueError naming ``where`` otherwise."""
+        by_rel, by_name, by_rel_stem, by_stem = self._lookup
+        k = key.replace("\\", "/").removeprefix("./")
+        exact, names = (by_rel_stem, by_stem) if stem else (by_rel, by_name)
+        if k in exact:
+            return exact[k]
+        found = names.get(k) or names.get(k.rsplit("/", 1)[-1]) or []
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ValueError(f"{where}: {key!r} names {len(found)} images in {self.root} "
+                             "(e.g. " + ", ".join(str(self.paths[i]) for i in found[:2])
+                             + "); give the path relative to the folder")
+        raise ValueError(f"{where}: no image {key!r} in {self.root}")
+
+    def _annotate(self, labels, targets, class_names, masks, boxes) -> None:
+        self._lookup = self._keys()
+        names = ann.read_class_names(class_names) if class_names is not None else None
+        self.user_class_names = names
+        for path, table in (("labels", labels), ("targets", targets)):
+            if table is None:
+                continue
+            values = self.labels if path == "labels" else self.targets
+            for key, text, where in ann.read_class_table(table):
+                values[self._find(key, where)] = class_index(text, where, names)
+        self.has_labels = any(x >= 0 for x in self.labels)
+        used = sorted({x for x in self.labels + self.targets if x >= 0})
+        if names is not None:
+            self.class_names = dict(enumerate(names))
+        else:
+            self.class_names = {x: imagenet_class_name(x) for x in used}
+        if masks is not None:
+            for key, path in ann.read_mask_dir(masks).items():
+                self.mask_files[self._find(key, str(path), stem=True)] = path
+        if boxes is not None:
+            for key, found in ann.read_boxes(boxes).items():
+                self.boxes.setdefault(self._find(key, found[0].where), []).extend(found)
+        if masks is None and boxes is None:
+            return
+        if not callable(getattr(self.transform, "mask", None)):
+            raise ValueError("truth masks need the transform of vitxai.data.eval_transform "
+                             "(it applies the image's resize and crop to them)")
+        self.has_masks = True
+        self._check_sizes()
+        missing = [i for i in range(len(self.paths))
+                   if i not in self.mask_files and i not in self.boxes]
+        if missing:
+            warnings.warn(f"{len(missing)} of {len(self.paths)} images have no mask or box "
+                          f"(e.g. {self.paths[missing[0]]}); they are skipped", stacklevel=3)
+
+    def _check_sizes(self) -> None:
+        """Masks of another size and boxes wholly outside their image are errors; boxes
+        partly outside are clipped, with one warning."""
+        clipped: list[ann.Box] = []
+        for i in sorted(set(self.mask_files) | set(self.boxes)):
+            size = _oriented_size(self.paths[i])
+            if size is None:
+                continue  # unreadable: skipped when loaded
+            if i in self.mask_files:
+                msize = ann.mask_size(self.mask_files[i])
+                if msize != size:
+                    raise ValueError(f"mask {self.mask_files[i]} is {msize[0]}×{msize[1]} but "
+                                     f"image {self.paths[i]} is {size[0]}×{size[1]}")
+            kept = []
+            for b in self.boxes.get(i, []):
+                c = ann.clip_box(b, *size)
+                if c is None:
+                    raise ValueError(f"{b.where}: box ({b.x0:g}, {b.y0:g}, {b.x1:g}, "
+                                     f"{b.y1:g}) lies outside image {self.paths[i]} "
+                                     f"({size[0]}×{size[1]})")
+                if c is not b:
+                    clipped.append(b)
+                kept.append(c)
+            if i in self.boxes:
+                self.boxes[i] = kept
+        if clipped:
+            b = clipped[0]
+            warnings.warn(f"{len(clipped)} boxes lie partly outside their images and were "
+                          f"clipped (first: {b.where})", stacklevel=4)
+
+    def _class_of(self, i: int) -> set[str]:
+        """Lower-case names of image ``i``'s target class (targets file, else label)."""
+        c = self.targets[i] if self.targets[i] >= 0 else self.labels[i]
+        if c < 0:
+            return set()
+        names = getattr(self, "user_class_names", None)
+        if names is not None:
+            return {str(c), names[c].lower()} if c < len(names) else {str(c)}
+        return {str(c)} | (imagenet_names(c) if c < 1000 else set())
+
+    def _truth(self, i: int, img: Image.Image) -> torch.Tensor | None:
+        if not self.has_masks:
+            return None
+        width, height = img.size
+        truth = np.zeros((height, width), dtype=bool)
+        why = "no mask or box"
+        if i in self.mask_files:
+            m = ann.load_mask(self.mask_files[i])
+            if m.shape != truth.shape:
+                raise UnreadableImageError(self.paths[i], f"mask {self.mask_files[i]} is "
+                                           f"{m.shape[1]}×{m.shape[0]}, the image "
+                                           f"{width}×{height}")
+            truth |= m
+            why = f"mask {self.mask_files[i]} is empty"
+        if i in self.boxes:
+            wanted = self._class_of(i)
+            mine = [b for b in self.boxes[i] if b.label is not None
+                    and b.label.strip().lower() in wanted]
+            truth |= ann.rasterise_boxes(mine or self.boxes[i], width, height)
+        if not truth.any():
+            raise UnreadableImageError(self.paths[i], f"no ground truth: {why}")
+        out = self.transform.mask(truth)  # type: ignore[attr-defined]
+        if not out.any():
+            raise UnreadableImageError(self.paths[i], "no ground truth: the crop removes the "
+                                       "whole object")
+        return out
 
     def describe(self) -> dict[str, Any]:
         pairs = zip(self.folders, self.labels, strict=True)
         unlabelled = sorted({f for f, x in pairs if x < 0 and f})
-        return {**super().describe(), "root": str(self.root), "unlabelled_folders": unlabelled}
+        out = {**super().describe(), "root": str(self.root), "unlabelled_folders": unlabelled}
+        if self.files:  # only then: runs recorded before these options keep their fingerprints
+            out["annotations"] = {k: str(v) for k, v in self.files.items()}
+            out["n_targets"] = sum(1 for t in self.targets if t >= 0)
+        return out
+
+
+def _oriented_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of an image as :func:`load_rgb` returns it (EXIF rotation applied),
+    from its header; None when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            turned = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - skipped with a reason when loaded
+        return None
+    return (height, width) if turned else (width, height)
 
 
 class Imagenette(_ImageFiles):
@@ -281,6 +538,8 @@ class Batch:
     labels, other_labels : int64 (B,), -1 where unknown / absent.
     indices, paths : dataset index and source of each image.
     masks, other_masks : bool (B, H, W), or None when the dataset has none.
+    targets : int64 (B,): the class each image asks to be explained (a targets file), -1 where
+        the dataset names none (then the run's target rule applies).
     skipped : (index, path, reason) of each item that could not be read.
     """
 
@@ -292,6 +551,7 @@ class Batch:
     other_labels: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     other_masks: torch.Tensor | None = None
     skipped: list[tuple[int, str, str]] = field(default_factory=list)
+    targets: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -335,6 +595,7 @@ def _collate(indices: list[int], results: list[Sample | UnreadableImageError]) -
         other_labels=torch.tensor([s.other_label for s in samples], dtype=torch.long),
         other_masks=_stack_masks([s.other_mask for s in samples], "other_mask"),
         skipped=skipped,
+        targets=torch.tensor([s.target for s in samples], dtype=torch.long),
     )
 
 
