@@ -147,7 +147,7 @@ def test_bad_input_errors(image_dir, tmp_path, capsys):
     assert main(["compare", "--data", str(empty), *MODEL]) == 2
     assert "no images found" in capsys.readouterr().err
     assert main(["compare", "--data", str(image_dir), "--model", "resnet10t",
-                 "--random-weights", "--no-progress"]) == 2
+                 "--random-weights", "--no-progress", "--methods", "attention_rollout"]) == 2
     assert "attention_rollout' needs a ViT" in capsys.readouterr().err
     other = tmp_path / "other"
     assert main(["compare", "--data", str(image_dir), *MODEL, *FAST, "--methods",

@@ -37,12 +37,16 @@ WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
 #: the library names its parameters ("device='cuda'", "save_attr_maps=True"); errors on the
 #: command line name the options instead: parameters that take a value → option ...
 VALUE_OPTIONS = {"device": "--device", "checkpoint": "--checkpoint",
-                 "idx_sample_img": "--idx_sample_img", "precision": "--precision"}
+                 "checkpoint_key": "--checkpoint-key",
+                 "idx_sample_img": "--idx_sample_img", "precision": "--precision",
+                 "crop_pct": "--crop-pct", "resize": "--resize",
+                 "interpolation": "--interpolation"}
 _VALUE_PARAMETER = re.compile(r"(?<![\w.])(" + "|".join(VALUE_OPTIONS)
                               + r")=(?:'([^']*)'|([^\s:;,)']+))")
 #: ... switches, and other library wording → command-line wording
 OPTION_WORDING: tuple[tuple[str, str], ...] = (
     (r"\bsave_attr_maps=True\b", "--save_attr_maps"),
+    (r"\bno_crop=True\b", "--no-crop"),
     (r"\ballow_missing=True\b", "--allow-missing"),
     (r"\bpretrained=False\b", "--random-weights"),
     (r"vitxai\.data\.download_imagenette\(root='([^']*)', variant='([^']*)'\)",
@@ -133,12 +137,34 @@ def _default_out(args: argparse.Namespace, model: str) -> Path:
     return Path("runs") / slug.strip("-")
 
 
-def _print_summary(agg: dict[str, Any], out: Path, seconds: float) -> None:
+def _print_predictions(pred: dict[str, Any] | None, random_weights: bool = False) -> None:
+    """Accuracy (with labels) and mean target probability; a one-line warning when the
+    predictions look like chance (see :func:`vitxai.compare.prediction_summary`)."""
+    if not pred:
+        return
+    parts = []
+    if pred.get("top1_accuracy") is not None:
+        top5 = pred.get("top5_accuracy")
+        parts.append(f"top-1 accuracy {pred['top1_accuracy']:.1%}"
+                     + (f", top-5 {top5:.1%}" if top5 is not None else "")
+                     + f" over {pred['n_labelled']} labelled images")
+    if pred.get("mean_target_probability") is not None:
+        parts.append(f"mean probability of the explained class "
+                     f"{pred['mean_target_probability']:.3f}")
+    if parts:
+        print("; ".join(parts))
+    if pred.get("mismatch") and not random_weights:  # random weights are chance by design
+        print(f"vitxai: warning: {_cli_wording(pred['mismatch'])}", file=sys.stderr)
+
+
+def _print_summary(agg: dict[str, Any], out: Path, seconds: float,
+                   random_weights: bool = False) -> None:
     sub = agg["subsets"]["all"]
     names = agg["methods"]
     print(f"\n{sub['n_images']} images in {seconds:.1f} s; run directory: {out}")
     if agg.get("skipped"):
         print(f"skipped {len(agg['skipped'])} unreadable images (listed in manifest.json)")
+    _print_predictions(agg.get("predictions"), random_weights)
     width = max(len(n) for n in names) + 2
     iou = sub["pairwise"]["iou"]["mean"]
     print("\nmean IoU of the binary masks (empty-vs-empty pairs excluded)")
@@ -162,6 +188,18 @@ def _print_summary(agg: dict[str, Any], out: Path, seconds: float) -> None:
         f"{n} {pm[n]['seconds_per_image']['mean']:.2f}" for n in names))
 
 
+def _default_methods(adapter, preferred: Sequence[str], notes: list[str]) -> list[str]:
+    """The library's default methods for ``adapter``, with a note when a model other than a
+    ViT gets fewer than ``preferred``."""
+    from vitxai.runner import default_methods
+
+    methods = default_methods(adapter, preferred)
+    if list(methods) != list(preferred):
+        notes.append(f"{adapter.name} is not a ViT: running the model-agnostic methods "
+                     f"{', '.join(methods)} (choose others with --methods)")
+    return methods
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from vitxai.compare import SEED_METHODS, CompareSettings, compare
     from vitxai.masks import MaskParams
@@ -179,6 +217,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.save_attr_maps = True
     source = _source(args)
     adapter, dataset, notes = source.load()
+    if not args.methods:
+        methods = _default_methods(adapter, SEED_METHODS, notes)
     settings = CompareSettings(
         methods=methods, method_params=overrides, mask=mask, target=args.target,
         batch_size=args.batch_size, seed=args.seed, sample_size=args.sample_size,
@@ -190,7 +230,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     agg = compare(adapter, dataset, out, settings, progress=not args.no_progress,
                   overwrite=args.overwrite, notes=notes, source=source.record())
-    _print_summary(agg, out, time.perf_counter() - start)
+    _print_summary(agg, out, time.perf_counter() - start,
+                   random_weights=args.random_weights and not args.checkpoint)
     if args.evaluate:
         _run_evaluate(out, adapter, dataset, args)
     return 0
@@ -244,18 +285,20 @@ def _class_names(adapter) -> dict[int, str]:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from vitxai.data import FolderDataset, eval_transform
-    from vitxai.explain import explain
+    from vitxai.explain import DEFAULT_METHODS, explain
 
     overrides = _method_overrides(args)
     if args.discard_ratio is not None:
         overrides.setdefault("grad_rollout", {})["discard_ratio"] = args.discard_ratio
-    adapter, _ = RunSource(model=args.model, checkpoint=args.checkpoint,
-                           random_weights=args.random_weights, device=args.device).load_model()
-    dataset = FolderDataset(args.image, transform=eval_transform(adapter.data_config))
-    paths = explain(adapter, dataset, args.methods, args.out,
+    source = RunSource.from_values({**vars(args), "data": args.image})
+    adapter, dataset, notes = source.load()
+    methods = args.methods or _default_methods(adapter, DEFAULT_METHODS, notes)
+    for note in notes:
+        print(f"note: {note}")
+    paths = explain(adapter, dataset, methods, args.out,
                     targets=args.category_index, method_params=overrides,
-                    seed=args.seed, class_names=_class_names(adapter))
+                    seed=args.seed,
+                    class_names={**_class_names(adapter), **dataset.class_names})
     for p in paths:
         print(p)
     return 0
@@ -300,6 +343,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: how a folder's labels, targets and class names are found (--help of compare and explain)
+LABELS_HELP = ("Labels: an image in a top-level subfolder named after an ImageNet-1k WordNet id "
+               "(data/n01440764/x.jpg) gets that class; --labels FILE.csv sets (or overrides) "
+               "them. CSV rows are 'file,class': the image's file name or path relative to "
+               "the folder, and a class index or name (names from --class-names, else "
+               "ImageNet-1k's).")
+
+
+def _add_data_options(p: argparse.ArgumentParser, truth: bool = True) -> None:
+    """Preprocessing and (``truth``) annotation options, shared by compare and explain."""
+    from vitxai.data.transforms import INTERPOLATIONS
+
+    g = p.add_argument_group(
+        "preprocessing", "default: the model's own timm data config (e.g. resize to input "
+        "size / 0.875 and centre-crop); printed at the start and recorded in config.json")
+    g.add_argument("--crop-pct", type=float, help="share kept by the centre crop, in (0, 1]: "
+                   "resize to input size / CROP_PCT, crop to the input size")
+    g.add_argument("--resize", type=int, metavar="PIXELS",
+                   help="resize the shorter side to PIXELS, then centre-crop to the input size")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize interpolation")
+    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="normalisation mean of the model (replaces its data config's)")
+    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"),
+                   help="normalisation std of the model")
+    g.add_argument("--no-crop", action="store_true",
+                   help="use the whole image: resize to exactly the input size, no crop")
+    a = p.add_argument_group("labels and targets of a folder of images", LABELS_HELP)
+    a.add_argument("--labels", metavar="FILE.csv",
+                   help="'file,class' rows: labels (accuracy; the explained class by default)")
+    a.add_argument("--targets", metavar="FILE.csv",
+                   help="'file,class' rows: the class explained per image (wins over the "
+                        "label or prediction rule; unlisted images follow it)")
+    a.add_argument("--class-names", metavar="FILE.txt",
+                   help="class names, one per line (index = line number from 0)")
+    if not truth:
+        return
+    t = p.add_argument_group(
+        "ground truth of a folder of images",
+        "Truth masks or boxes give the localisation scores (IoU, Dice, coverage, pointing "
+        "game, mass inside; evaluate's localisation metrics). They go through the image's "
+        "own resize and crop. Images without truth are skipped and listed.")
+    t.add_argument("--masks", metavar="DIR",
+                   help="one PNG per image with the image's stem; non-zero pixels = object")
+    t.add_argument("--boxes", metavar="FILE",
+                   help="boxes in pixels of the original image: CSV 'file,x0,y0,x1,y1[,class]' "
+                        "(x1, y1 exclusive; several rows per image), Pascal VOC XML (a file "
+                        "or folder) or COCO instances JSON; boxes of the explained class where "
+                        "their names match it, else all")
+
+
 def _add_evaluate_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--steps", type=int, default=20, help="deletion/insertion steps")
@@ -339,10 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "ground truth, localisation scores into a run directory. Without arguments: "
                     "the six methods of the original comparison on the bundled benchmark.")
     c.add_argument("--methods", nargs="+", help="registry names or aliases (default: the six "
-                   "of the original comparison); see `vitxai methods`")
+                   "of the original comparison; its four model-agnostic ones on models other "
+                   "than ViTs); see `vitxai methods`")
     c.add_argument("--data", default="synthetic",
                    help="'synthetic' (bundled ground-truth benchmark, default), 'imagenette', "
-                        "or a folder of images or one image file")
+                        "or a folder of images or one image file (labels: see below)")
     c.add_argument("--split", help="synthetic: single|pair|parts; imagenette: val (default)|train")
     c.add_argument("--n-images", type=int, help="size of the generated synthetic set "
                    f"(default {SYNTHETIC_DEFAULT_SIZE})")
@@ -354,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", help="'bundled' (default with --data synthetic) or a timm name "
                    f"(default otherwise {DEFAULT_IMAGENET_MODEL})")
     c.add_argument("--checkpoint", help="local weights (.safetensors or torch file)")
+    c.add_argument("--checkpoint-key", metavar="KEY",
+                   help="the entry of --checkpoint holding the weights, e.g. model_ema "
+                        "(default: found by itself)")
     c.add_argument("--random-weights", action="store_true",
                    help="do not fetch pretrained weights (for smoke tests)")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -382,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", help="run directory (default runs/DATA-SPLIT-MODEL); rerunning the "
                    "same command resumes it")
+    _add_data_options(c)
     c.add_argument("--overwrite", action="store_true", help="replace a different run in --out")
     c.add_argument("--no-progress", action="store_true")
     c.add_argument("--evaluate", action="store_true",
@@ -405,7 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "an overlay per method, and the maps as safetensors.")
     e.add_argument("--image", required=True, help="an image file or a folder of images")
     e.add_argument("--methods", nargs="+",
-                   default=["attention_rollout", "grad_rollout", "chefer2021a"])
+                   help="registry names or aliases (default: attention_rollout grad_rollout "
+                        "chefer2021a on a ViT, the model-agnostic methods of the original "
+                        "comparison on other models)")
     e.add_argument("--category-index", "--category_index", dest="category_index", type=int,
                    help="class to explain (default: the prediction)")
     e.add_argument("--head-fusion", "--head_fusion", dest="head_fusion",
@@ -415,11 +515,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=DEFAULT_IMAGENET_MODEL,
                    help="timm model name, or 'bundled'")
     e.add_argument("--checkpoint", help="local weights (.safetensors or torch file)")
+    e.add_argument("--checkpoint-key", metavar="KEY",
+                   help="the entry of --checkpoint holding the weights, e.g. model_ema")
     e.add_argument("--random-weights", action="store_true")
     e.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE")
     e.add_argument("--device", default="cpu")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--out", default="explanations", help="output folder")
+    _add_data_options(e, truth=False)
     e.set_defaults(func=cmd_explain)
 
     r = sub.add_parser("report", help="write report.html (self-contained) and report.md of a run")
@@ -515,7 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     format_warning = warnings.formatwarning
     # a warning is one line too (the default adds the source line that raised it)
-    warnings.formatwarning = lambda message, *_, **__: f"vitxai: warning: {message}\n"
+    warnings.formatwarning = (
+        lambda message, *_, **__: f"vitxai: warning: {_cli_wording(str(message))}\n")
     try:  # everything, heavy imports included, so that Ctrl-C at start-up is one line too
         args = build_parser().parse_args(argv)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -33,16 +33,72 @@ from vitxai.metrics.localization import mass_inside, pointing_game
 from vitxai.metrics.scores import MASK_PAIR_SCORES, TRUTH_SCORES
 from vitxai.models.adapter import ModelAdapter
 from vitxai.report.figures import agreement_heatmap, sample_figure
-from vitxai.runner import BatchRun, resolve_methods, run_batches
+from vitxai.runner import SEED_METHODS, BatchRun, resolve_methods, run_batches
 from vitxai.store import MANIFEST, METHOD_ROWS, PAIR_ROWS, RunStore, read_rows, run_identity
 
-SEED_METHODS: tuple[str, ...] = (
-    "lime", "kernel_shap", "integrated_gradients", "gradient_shap", "attention_rollout",
-    "chefer2021a",
-)
 #: the columns of per_image_pairs.csv and of the truth scores (see vitxai.metrics.scores)
 PAIR_METRICS = tuple(MASK_PAIR_SCORES)
 TRUTH_METRICS = tuple(TRUTH_SCORES)
+#: classes listed per image in the rows (column ``top5``, most probable first)
+TOP_K = 5
+
+
+def _classes(value: Any) -> list[int]:
+    """The classes of a ``top5`` cell ("3 1 7 0 2"; a single class is read back as an int)."""
+    if isinstance(value, int):
+        return [value]
+    if not isinstance(value, str):
+        return []  # rows written before the column existed (NaN)
+    return [int(c) for c in value.split()]
+
+
+def prediction_summary(rows: Sequence[Mapping[str, Any]], num_classes: int | None
+                       ) -> dict[str, Any]:
+    """What the model did on a run's images, from its per-image rows (one image may have a
+    row per method; each image counts once).
+
+    Returns:
+        ``n_images``; ``n_labelled`` (images with a label); ``top1_accuracy`` and
+        ``top5_accuracy`` over the labelled images (None without labels, or, for top-5, for
+        rows written before the ``top5`` column); ``mean_target_probability``;
+        ``num_classes``; and ``mismatch``: None, or one sentence saying that the predictions
+        look like chance (mean target probability at most 2/num_classes, or, with labels,
+        top-1 accuracy at most twice chance), i.e. the model name, its weights or the
+        preprocessing may be wrong.
+    """
+    images: dict[Any, Mapping[str, Any]] = {}
+    for r in rows:
+        images.setdefault(r["index"], r)
+    labelled = [r for r in images.values()
+                if isinstance(r.get("label"), int) and r["label"] >= 0]
+    probs = np.array([float(r["target_probability"]) for r in images.values()], dtype=float)
+    probs = probs[np.isfinite(probs)]
+    top1 = (float(np.mean([r["label"] == r["prediction"] for r in labelled]))
+            if labelled else None)
+    with_top5 = [r for r in labelled if _classes(r.get("top5"))]
+    top5 = (float(np.mean([r["label"] in _classes(r["top5"]) for r in with_top5]))
+            if with_top5 else None)
+    mean_p = float(probs.mean()) if probs.size else None
+    summary: dict[str, Any] = {
+        "n_images": len(images), "n_labelled": len(labelled), "top1_accuracy": top1,
+        "top5_accuracy": top5, "mean_target_probability": mean_p,
+        "num_classes": num_classes or None, "mismatch": None,
+    }
+    if not num_classes or num_classes < 2:
+        return summary
+    chance = 1.0 / num_classes
+    if mean_p is not None and mean_p <= 2 * chance:
+        why = (f"the mean probability of the explained class is {mean_p:.3g}, near chance "
+               f"(1/{num_classes})")
+    elif top1 is not None and top1 <= 2 * chance:
+        why = (f"top-1 accuracy is {top1:.1%} over {len(labelled)} labelled images, near "
+               f"chance ({chance:.1%})")
+    else:
+        return summary
+    labels = ", or the labels may not be the model's classes" if labelled else ""
+    summary["mismatch"] = (f"{why}: the model name, its weights (checkpoint) or the "
+                           f"preprocessing may be wrong{labels}")
+    return summary
 
 
 @dataclass
@@ -178,6 +234,7 @@ def _batch_rows(run: BatchRun) -> tuple[list[dict[str, Any]], list[dict[str, Any
     predictions, probs, targets = run.predictions, run.probs, run.targets
     method_rows, pair_rows = [], []
     b = len(batch)
+    top = probs.topk(min(TOP_K, probs.shape[-1]), dim=-1)  # (values, classes), descending
     for i in range(b):
         label = int(batch.labels[i])
         base = {
@@ -185,6 +242,8 @@ def _batch_rows(run: BatchRun) -> tuple[list[dict[str, Any]], list[dict[str, Any
             "prediction": int(predictions[i]), "target": int(targets[i]),
             "correct": (float(label == int(predictions[i])) if label >= 0 else float("nan")),
             "target_probability": float(probs[i, targets[i]]),
+            "top5": " ".join(str(int(c)) for c in top[1][i]),
+            "top5_probability": " ".join(f"{float(p):.4g}" for p in top[0][i]),
         }
         for name in names:
             r = results[name]
@@ -243,7 +302,8 @@ def aggregate(root: str | Path, names: Sequence[str]) -> dict[str, Any]:
         sub_pairs = [p for p in pairs if keep is None or p["index"] in keep]
         per_method: dict[str, Any] = {}
         numeric = [k for k in (sub_rows[0] if sub_rows else {})
-                   if k not in ("index", "path", "method", "label", "prediction", "target")
+                   if k not in ("index", "path", "method", "label", "prediction", "target",
+                                "top5", "top5_probability")
                    and isinstance(sub_rows[0][k], int | float)]
         for name in names:
             mine = [r for r in sub_rows if r["method"] == name]
@@ -346,6 +406,9 @@ def compare(adapter: ModelAdapter, dataset: ImageDataset, out: str | Path,
         aggregates["run"] = run_identity(config, store.manifest)
         aggregates["skipped"] = store.manifest["skipped"]
         aggregates["seconds"] = store.manifest["seconds"]
+        aggregates["predictions"] = prediction_summary(
+            read_rows(store.root, METHOD_ROWS, ("index", "method")),
+            adapter.num_classes or None)
         store.write_json("aggregates.json", aggregates)
         write_figures(store, aggregates, names)
         store.complete()
@@ -358,6 +421,8 @@ def _run_batches(adapter: ModelAdapter, dataset: ImageDataset, store: RunStore,
     """Compute and commit every batch the run directory does not hold yet."""
     done = store.done_indices()
     todo = [i for i in indices if i not in done]
+    if todo:
+        store.require_columns(METHOD_ROWS, ("top5", "top5_probability"))
     bar = tqdm(total=len(indices), initial=len(indices) - len(todo), unit="img",
                desc="compare", disable=not progress, dynamic_ncols=True)
     with warnings.catch_warnings():

@@ -22,7 +22,11 @@ from vitxai.models.adapter import ModelAdapter
 from vitxai.report.figures import overlay, overlay_figure
 from vitxai.runner import resolve_methods, run_batches
 
-__all__ = ["explain", "overlay"]
+__all__ = ["DEFAULT_METHODS", "explain", "overlay"]
+
+#: what ``vitxai explain`` shows when no methods are named (vit-explain's methods and
+#: Chefer et al.'s); on a model other than a ViT, see :func:`vitxai.runner.default_methods`
+DEFAULT_METHODS = ("attention_rollout", "grad_rollout", "chefer2021a")
 
 
 def explain(adapter: ModelAdapter, dataset: ImageDataset, methods: Sequence[str],

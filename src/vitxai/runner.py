@@ -27,6 +27,24 @@ from vitxai.models.adapter import ModelAdapter, require_vit
 #: prediction, or one fixed class for every image
 Target = Literal["label", "prediction"] | int
 
+#: the six methods of the original comparison (the default of ``compare``)
+SEED_METHODS: tuple[str, ...] = (
+    "lime", "kernel_shap", "integrated_gradients", "gradient_shap", "attention_rollout",
+    "chefer2021a",
+)
+
+
+def default_methods(adapter: ModelAdapter, preferred: Sequence[str] = SEED_METHODS
+                    ) -> list[str]:
+    """The methods to run when none are named: ``preferred`` on a ViT; on any other model
+    those of ``preferred`` that are model-agnostic, or, when none is, the model-agnostic
+    methods of :data:`SEED_METHODS` (LIME, KernelSHAP, Integrated Gradients, GradientSHAP).
+    """
+    if adapter.is_vit:
+        return list(preferred)
+    agnostic = [m for m in preferred if not get_method(m).vit_only]
+    return agnostic or [m for m in SEED_METHODS if not get_method(m).vit_only]
+
 
 def resolve_methods(adapter: ModelAdapter, names: Sequence[str],
                     overrides: Mapping[str, Mapping[str, Any]] | None = None
@@ -116,6 +134,9 @@ def run_batch(adapter: ModelAdapter, batch: Batch, params: Mapping[str, Any], *,
     logits = adapter.predict(x, batch_size=predict_batch_size).float().cpu()
     probs, predictions = logits.softmax(-1), logits.argmax(-1)
     targets = choose_targets(batch.labels, predictions, target)
+    if not isinstance(target, int) and len(batch.targets) == len(batch):
+        # classes the dataset names per image (a targets file) win over the target rule
+        targets = torch.where(batch.targets >= 0, batch.targets, targets)
     ctx = BatchContext.for_batch(len(batch), seed, batch.indices, planned=names)
     results, masks = {}, {}
     for name in names:

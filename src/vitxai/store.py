@@ -302,6 +302,19 @@ class RunStore:
                 if f.is_file() and f.name not in self.manifest["maps"]:
                     f.unlink()  # an uncommitted batch's maps (or its temporary file)
 
+    def require_columns(self, name: str, columns: Iterable[str]) -> None:
+        """Refuse, before any work, to continue a run whose committed ``name`` rows lack
+        ``columns`` (written by an older vitxai; see :func:`append_csv`)."""
+        if not self.manifest["committed"].get(name):
+            return
+        header = csv_header(self.root / name) or []
+        absent = [c for c in columns if c not in header]
+        if absent:
+            raise RunDirectoryError(
+                f"{self.root / name} lacks the column(s) {', '.join(absent)}: this run was "
+                "written by an older vitxai; finish it with that version or start afresh "
+                "with overwrite")
+
     def done_indices(self) -> set[int]:
         """Dataset indices already finished (or skipped) in an earlier, interrupted run."""
         return set(self.manifest["done"]) | {s["index"] for s in self.manifest["skipped"]}
@@ -360,6 +373,7 @@ class RunStore:
 
 def append_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> int:
     """Append rows (same keys) to a CSV, with the header when the file is empty; synced.
+    Rows whose keys differ from the file's header are refused (:class:`RunDirectoryError`).
 
     Returns the file's length in bytes afterwards (its new committed length).
     """
@@ -369,6 +383,8 @@ def append_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> int:
                 writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
                 if f.tell() == 0:
                     writer.writeheader()
+                else:
+                    _check_header(path, list(rows[0].keys()))
                 for row in rows:
                     writer.writerow({k: _format(v) for k, v in row.items()})
                 f.flush()
@@ -376,6 +392,25 @@ def append_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> int:
             return f.tell()
     except OSError as e:
         raise _naming(e, path) from e
+
+
+def csv_header(path: Path) -> list[str] | None:
+    """The column names of a CSV, None when it is missing or empty."""
+    try:
+        with Path(path).open(newline="") as f:
+            return next(csv.reader(f), None)
+    except FileNotFoundError:
+        return None
+
+
+def _check_header(path: Path, columns: list[str]) -> None:
+    """Refuse to append rows whose columns differ from those of the file (a run begun by
+    another vitxai version): rows of two layouts would not read back."""
+    header = csv_header(path)
+    if header is not None and header != columns:
+        raise RunDirectoryError(
+            f"{path} has other columns than this vitxai writes (this run was written by an "
+            "older vitxai); finish it with that version or start afresh with overwrite")
 
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:

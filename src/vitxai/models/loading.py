@@ -11,6 +11,7 @@ import os
 import pickle
 import socket
 import warnings
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,41 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors or torch checkpoint safely (``weights_only=True``, never pickle).
+#: entries under which training scripts nest the weights, tried in this order (timm, DeiT,
+#: Lightning, DDP wrappers); EMA weights only when no plain weights are there
+NESTING_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "module",
+                "model_ema", "state_dict_ema", "ema")
+#: key prefixes that wrappers add (DataParallel, Lightning modules, torch.compile, detection
+#: and self-supervised backbones); stripped only where the stripped keys fit the model
+KEY_PREFIXES = ("module.model.", "module.", "model.", "backbone.", "_orig_mod.", "encoder.")
+#: metadata entries naming the architecture a checkpoint was saved from
+_ARCH_KEYS = ("arch", "architecture", "model_name")
 
-    Accepts a plain state dict or one nested under "state_dict", "model" or "model_state".
+
+def _is_state(value: Any) -> bool:
+    return (isinstance(value, dict) and bool(value)
+            and all(isinstance(v, torch.Tensor) for v in value.values()))
+
+
+def _entries(value: Any) -> str:
+    keys = [str(k) for k in value] if isinstance(value, dict) else []
+    return ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "") if keys else "none"
+
+
+def read_checkpoint(path: str | Path, key: str | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, metadata) of a safetensors or torch checkpoint, read safely
+    (``weights_only=True``, never pickle).
+
+    Args:
+        key: the entry that holds the weights (dots descend into nested entries, e.g.
+            "model_ema" or "state.model"); None = a plain state dict, or the first of
+            :data:`NESTING_KEYS` that holds one.
+
+    Returns:
+        The tensors by name (prefixes are kept; :func:`load_weights` strips them), and the
+        string metadata of the file (safetensors metadata, or the top-level strings of a
+        torch checkpoint such as timm's ``arch``).
     """
     path = Path(path)
     if path.is_dir():
@@ -95,11 +127,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                              "(.safetensors or torch file)")
     if not path.is_file():
         raise ModelLoadError(f"checkpoint {path} does not exist")
+    metadata: dict[str, str] = {}
     try:
         if path.suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
             state = load_file(str(path))
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
         else:
             with warnings.catch_warnings():  # torch warns about old pickle protocols
                 warnings.simplefilter("ignore")
@@ -115,24 +151,110 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             ) from e
         why = f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
         raise ModelLoadError(f"cannot read checkpoint {path}: {why}") from e
-    for key in ("state_dict", "model", "model_state", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"checkpoint {path} does not hold a state dict of tensors")
+    if isinstance(state, dict):
+        metadata |= {str(k): v for k, v in state.items() if isinstance(v, str)}
+    if key is not None:
+        for part in [key] if isinstance(state, dict) and key in state else key.split("."):
+            if not isinstance(state, dict) or part not in state:
+                raise ModelLoadError(f"checkpoint {path} has no entry {key!r}; its entries: "
+                                     f"{_entries(state)}")
+            state = state[part]
+        if not _is_state(state):
+            raise ModelLoadError(f"entry {key!r} of checkpoint {path} is not a state dict of "
+                                 f"tensors; its entries: {_entries(state)}")
+    while not _is_state(state) and isinstance(state, dict):
+        inner = next((state[k] for k in NESTING_KEYS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            break
+        state = inner
+    if not _is_state(state):
+        raise ModelLoadError(f"checkpoint {path} does not hold a state dict of tensors (its "
+                             f"entries: {_entries(state)}); name the entry that does with "
+                             "checkpoint_key=KEY")
+    return state, metadata
+
+
+def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors or torch checkpoint safely (``weights_only=True``, never pickle).
+
+    Accepts a plain state dict or one nested under "state_dict", "model", "model_ema", ...
+    (:data:`NESTING_KEYS`), or under ``key``; a "module." prefix (DataParallel) is removed.
+    """
+    state = read_checkpoint(path, key)[0]
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_weights(model: nn.Module, path: str | Path, name: str) -> None:
-    """Load a checkpoint into ``model`` strictly; mismatches become one clear error."""
-    state = read_state_dict(path)
+def _strip_prefixes(state: dict[str, torch.Tensor], expected: set[str]
+                    ) -> dict[str, torch.Tensor]:
+    """``state`` with the wrapper prefix (:data:`KEY_PREFIXES`) whose removal makes the most
+    keys fit ``expected``; unchanged when none makes more fit."""
+    best, fit = state, len(expected & set(state))
+    for prefix in KEY_PREFIXES:
+        if not any(k.startswith(prefix) for k in state):
+            continue
+        stripped = {k.removeprefix(prefix): v for k, v in state.items()}
+        if len(stripped) == len(state) and len(expected & set(stripped)) > fit:
+            best, fit = stripped, len(expected & set(stripped))
+    return best
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def key_mismatch(state: Mapping[str, torch.Tensor], model: nn.Module) -> str | None:
+    """How ``state`` differs from ``model``'s state dict, in one line, or None when it fits:
+    "12 missing, 3 unexpected, 1 of another shape; first missing: a, b, c; ..."."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = [f"{len(missing)} missing, {len(unexpected)} unexpected"
+             + (f", {len(shapes)} of another shape" if shapes else "")
+             + f" of the model's {len(own)} keys"]
+    if missing:
+        parts.append(f"first missing: {_first(missing)}")
+    if unexpected:
+        parts.append(f"first unexpected: {_first(unexpected)}")
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{k} is {'x'.join(map(str, state[k].shape))} in the checkpoint, "
+                     f"{'x'.join(map(str, own[k].shape))} in the model")
+    return "; ".join(parts)
+
+
+def _base_name(name: str) -> str:
+    return name.split(".")[0].rsplit("/", 1)[-1]
+
+
+def load_weights(model: nn.Module, path: str | Path, name: str, key: str | None = None
+                 ) -> None:
+    """Load a checkpoint into ``model`` strictly; mismatches become one clear error.
+
+    The weights may be nested (see :func:`read_checkpoint`, ``key``) and their names
+    prefixed by a wrapper (:data:`KEY_PREFIXES`): a prefix is removed where that makes the
+    names fit the model. A checkpoint that records another architecture than ``name`` (timm's
+    ``arch``) loads with a warning when its weights fit.
+    """
+    state, metadata = read_checkpoint(path, key)
+    state = _strip_prefixes(state, set(model.state_dict()))
+    problem = key_mismatch(state, model)
+    if problem is not None:
+        raise ModelLoadError(f"checkpoint {path} does not match model {name!r}: {problem}")
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except RuntimeError as e:  # pragma: no cover - key_mismatch finds what torch refuses
         first = str(e).split("\n\t")[:2]
         raise ModelLoadError(
             f"checkpoint {path} does not match model {name!r}: {' '.join(first)[:300]}"
         ) from e
+    arch = next((metadata[k] for k in _ARCH_KEYS if isinstance(metadata.get(k), str)), None)
+    if arch and _base_name(arch) != _base_name(name):
+        warnings.warn(f"checkpoint {path} records architecture {arch!r} but loads into "
+                      f"model {name!r}; its weights fit, but check the model name",
+                      stacklevel=2)
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
@@ -160,6 +282,7 @@ def load_model(
     *,
     pretrained: bool = True,
     checkpoint: str | Path | None = None,
+    checkpoint_key: str | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
     precision: str = "fp32",
@@ -171,7 +294,11 @@ def load_model(
         name: any timm model name, e.g. "vit_base_patch16_224", "deit_tiny_distilled_patch16_224",
             "vit_small_patch14_reg4_dinov2".
         pretrained: fetch the hub weights (ignored when ``checkpoint`` is given).
-        checkpoint: a local .safetensors or torch file (read with ``weights_only=True``).
+        checkpoint: a local .safetensors or torch file (read with ``weights_only=True``);
+            weights nested in it and wrapper prefixes of their names are found by
+            themselves (see :func:`load_weights`).
+        checkpoint_key: the entry of ``checkpoint`` that holds the weights, e.g.
+            "model_ema"; None = found by itself.
         device: where the model runs.
         seed: seeds the random initialisation of a model built without weights, so that
             random-weight runs are reproducible (the global torch RNG is left untouched).
@@ -189,9 +316,11 @@ def load_model(
         raise ModelLoadError(
             f"unknown timm model {name!r}; see timm.list_models('*vit*') for names"
         )
+    if checkpoint_key is not None and checkpoint is None:
+        raise ValueError(f"checkpoint_key={checkpoint_key!r} needs a checkpoint=PATH")
     if checkpoint is not None:
         model = timm.create_model(name, pretrained=False, **model_kwargs)
-        load_weights(model, checkpoint, name)
+        load_weights(model, checkpoint, name, key=checkpoint_key)
     elif pretrained:
         online = hub_reachable()
         try:
