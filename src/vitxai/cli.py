@@ -31,7 +31,7 @@ from vitxai.source import DEFAULT_IMAGENET_MODEL, SYNTHETIC_DEFAULT_SIZE, RunSou
 
 #: integer options and their least value (argparse accepts any int)
 COUNT_OPTIONS = {"n_images": 1, "sample_size": 1, "batch_size": 1, "steps": 1,
-                 "sanity_images": 0}
+                 "sanity_images": 0, "img_size": 1, "num_classes": 1}
 #: errnos that only a write can cause
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
 #: the library names its parameters ("device='cuda'", "save_attr_maps=True"); errors on the
@@ -40,7 +40,8 @@ VALUE_OPTIONS = {"device": "--device", "checkpoint": "--checkpoint",
                  "checkpoint_key": "--checkpoint-key",
                  "idx_sample_img": "--idx_sample_img", "precision": "--precision",
                  "crop_pct": "--crop-pct", "resize": "--resize",
-                 "interpolation": "--interpolation"}
+                 "interpolation": "--interpolation", "img_size": "--img-size",
+                 "num_classes": "--num-classes"}
 _VALUE_PARAMETER = re.compile(r"(?<![\w.])(" + "|".join(VALUE_OPTIONS)
                               + r")=(?:'([^']*)'|([^\s:;,)']+))")
 #: ... switches, and other library wording → command-line wording
@@ -351,6 +352,17 @@ LABELS_HELP = ("Labels: an image in a top-level subfolder named after an ImageNe
                "ImageNet-1k's).")
 
 
+def _add_model_size_options(p: argparse.ArgumentParser) -> None:
+    """``--img-size`` and ``--num-classes`` of a timm model, shared by compare and explain."""
+    p.add_argument("--img-size", type=int, metavar="N",
+                   help="build the timm model at N×N pixels (a multiple of the patch size; "
+                        "position embeddings are interpolated, preprocessing follows), e.g. "
+                        "--img-size 224 on a DINOv2 ViT-B/14 for a 16×16 grid")
+    p.add_argument("--num-classes", type=int, metavar="N",
+                   help="build the timm model with N classes (pretrained weights get a new, "
+                        "untrained head; a --checkpoint must hold an N-class head)")
+
+
 def _add_data_options(p: argparse.ArgumentParser, truth: bool = True) -> None:
     """Preprocessing and (``truth``) annotation options, shared by compare and explain."""
     from vitxai.data.transforms import INTERPOLATIONS
@@ -453,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: found by itself)")
     c.add_argument("--random-weights", action="store_true",
                    help="do not fetch pretrained weights (for smoke tests)")
+    _add_model_size_options(c)
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     c.add_argument("--precision", default="float32", choices=["float32", "bf16", "float64"],
                    help="float32 (default); bf16: forward passes in bfloat16 autocast, 2-3x "
@@ -518,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint-key", metavar="KEY",
                    help="the entry of --checkpoint holding the weights, e.g. model_ema")
     e.add_argument("--random-weights", action="store_true")
+    _add_model_size_options(e)
     e.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE")
     e.add_argument("--device", default="cpu")
     e.add_argument("--seed", type=int, default=0)

@@ -27,7 +27,7 @@ PRECISIONS = ("float32", "bf16", "float64")
 #: keys recorded only when set (None / False is the default), so that runs recorded before
 #: they existed keep their fingerprints
 OPTIONAL_KEYS = ("crop_pct", "resize", "interpolation", "mean", "std", "no_crop", "labels",
-                 "targets", "class_names", "masks", "boxes")
+                 "targets", "class_names", "masks", "boxes", "img_size", "num_classes")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class RunSource:
             explain; class_names: a text file of class names, one per line.
         masks: a folder of PNG truth masks (same stem as the images); boxes: truth boxes
             (CSV, Pascal VOC XML, COCO JSON; :mod:`vitxai.data.annotations`).
+        img_size: build the timm model at this input size (a ViT's position embeddings are
+            interpolated; preprocessing follows); None = the model's own.
+        num_classes: build the timm model with this many classes (with pretrained weights
+            the head is replaced by a new, seeded random one); None = the model's own.
     """
 
     data: str = "synthetic"
@@ -82,6 +86,8 @@ class RunSource:
     class_names: str | None = None
     masks: str | None = None
     boxes: str | None = None
+    img_size: int | None = None
+    num_classes: int | None = None
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -164,15 +170,30 @@ class RunSource:
             if self.checkpoint or self.checkpoint_key:
                 raise ValueError("checkpoint needs a timm model name (the bundled model has "
                                  "its own weights)")
+            for key in ("img_size", "num_classes"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} needs a timm model name (the bundled model has "
+                                     "its own input size and classes)")
             adapter = load_bundled_model(device=self.device)
             notes.append("embedded default: vitxai's bundled ViT trained on the synthetic "
                          "ground-truth benchmark (not an ImageNet model)")
         else:
+            sizes = {k: getattr(self, k) for k in ("img_size", "num_classes")
+                     if getattr(self, k) is not None}
             adapter = load_model(name, pretrained=not self.random_weights,
                                  checkpoint=self.checkpoint,
-                                 checkpoint_key=self.checkpoint_key, device=self.device)
+                                 checkpoint_key=self.checkpoint_key, device=self.device,
+                                 **sizes)
             if self.random_weights and not self.checkpoint:
                 notes.append(f"{name} has RANDOM weights (random_weights)")
+            elif self.num_classes is not None and not self.checkpoint:
+                notes.append(f"num_classes={self.num_classes}: timm replaced {name}'s "
+                             "pretrained classifier head by a new, randomly initialised one "
+                             "(seeded); its class scores mean nothing until it is trained")
+            if self.img_size is not None:
+                gh, gw = getattr(adapter, "grid_size", None) or (None, None)
+                grid = f" ({gh}×{gw} patch grid)" if gh else ""
+                notes.append(f"{name} built at img_size={self.img_size}{grid}")
         if self.precision == "float64":
             adapter.to(dtype=torch.float64)
         elif self.precision == "bf16":
@@ -204,8 +225,14 @@ class RunSource:
             if geometry:
                 raise ValueError(f"{', '.join(geometry)} do not apply to the synthetic "
                                  "benchmark (its images are generated at the input size)")
-            from vitxai.data.synthetic import SyntheticBenchmark
+            from vitxai.data.synthetic import IMAGE_SIZE, SyntheticBenchmark
 
+            size = tuple(getattr(adapter, "input_size", (IMAGE_SIZE, IMAGE_SIZE)))
+            if size != (IMAGE_SIZE, IMAGE_SIZE):
+                raise ValueError(f"the synthetic benchmark's images are {IMAGE_SIZE}×"
+                                 f"{IMAGE_SIZE}, but {self.model_name!r} takes "
+                                 f"{size[0]}×{size[1]}; build it with img_size={IMAGE_SIZE} "
+                                 "or use other data")
             return SyntheticBenchmark(split=self.split or "single",
                                       size=(SYNTHETIC_DEFAULT_SIZE if self.n_images is None
                                             else self.n_images),

@@ -182,6 +182,10 @@ def register_method(
     def decorate(fn: Callable[..., Attribution]) -> Callable[..., Attribution]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
+        for alias in (name, *aliases):  # get_method ignores case, '-' and '_'
+            taken = _ALIASES.get(_key(alias), name)
+            if taken != name:
+                raise ValueError(f"alias {alias!r} of method {name!r} already names {taken!r}")
         METHODS[name] = MethodSpec(
             name, fn, params, family, vit_only, paper, summary, frozenset(uses),
             dict(renamed or {}),

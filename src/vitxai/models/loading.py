@@ -29,6 +29,10 @@ class ModelLoadError(RuntimeError):
     """A model or its weights could not be loaded; the message says what to do."""
 
 
+class _ModelArgumentError(ValueError):
+    """A keyword of ``timm.create_model`` that the model does not take."""
+
+
 def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
     """Whether a TCP connection to the model hub opens within ``timeout`` seconds."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
@@ -304,14 +308,20 @@ def load_model(
             random-weight runs are reproducible (the global torch RNG is left untouched).
         precision: "fp32" or "bf16" (bfloat16 autocast forward passes, float32 results), see
             :meth:`~vitxai.models.adapter.ModelAdapter.set_precision`.
-        **model_kwargs: passed to ``timm.create_model`` (img_size, num_classes, ...).
+        **model_kwargs: passed to ``timm.create_model``: ``img_size`` (an int or (h, w); a
+            ViT's position embeddings are interpolated to the new grid, e.g. DINOv2 ViT-B/14
+            at 224 → 16×16, and the data config follows), ``num_classes`` (with pretrained
+            weights timm replaces the head by a new one, initialised from ``seed``), ...
 
     Raises:
         ModelLoadError: unknown name, unreadable or mismatched checkpoint, or hub weights that
             cannot be fetched (within seconds when offline, naming ``--checkpoint``).
-        ValueError: ``device`` is malformed or absent on this machine.
+        ValueError: ``device`` is malformed or absent on this machine; ``img_size`` or
+            ``num_classes`` below 1, ``img_size`` not a multiple of a ViT's patch size, or a
+            model that does not take them.
     """
     device = resolve_device(device)
+    _check_model_kwargs(model_kwargs)
     if not timm.is_model(name.split(".")[0]):
         raise ModelLoadError(
             f"unknown timm model {name!r}; see timm.list_models('*vit*') for names"
@@ -319,16 +329,18 @@ def load_model(
     if checkpoint_key is not None and checkpoint is None:
         raise ValueError(f"checkpoint_key={checkpoint_key!r} needs a checkpoint=PATH")
     if checkpoint is not None:
-        model = timm.create_model(name, pretrained=False, **model_kwargs)
+        model = _create(name, False, seed, model_kwargs)
         load_weights(model, checkpoint, name, key=checkpoint_key)
     elif pretrained:
         online = hub_reachable()
         try:
             if online:
-                model = timm.create_model(name, pretrained=True, **model_kwargs)
+                model = _create(name, True, seed, model_kwargs)
             else:
                 with _hub_offline():
-                    model = timm.create_model(name, pretrained=True, **model_kwargs)
+                    model = _create(name, True, seed, model_kwargs)
+        except _ModelArgumentError:
+            raise
         except Exception as e:
             why = "the model hub cannot be reached" if not online else f"{type(e).__name__}"
             raise ModelLoadError(
@@ -337,7 +349,62 @@ def load_model(
                 "with pretrained=False"
             ) from e
     else:
+        model = _create(name, False, seed, model_kwargs)
+    return adapt(model.to(device), name, _model_config(model, name, model_kwargs)
+                 ).set_precision(precision)
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _check_model_kwargs(model_kwargs: Mapping[str, Any]) -> None:
+    """One-line ValueErrors for nonsense ``img_size`` / ``num_classes`` (before building)."""
+    img_size = model_kwargs.get("img_size")
+    if img_size is not None:
+        size = _pair(img_size) if isinstance(img_size, int | tuple | list) else ()
+        if (len(size) != 2 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                      for v in size) or min(size) < 1):
+            raise ValueError(f"img_size={img_size!r} must be a positive number of pixels "
+                             "(an int, or (height, width))")
+    num_classes = model_kwargs.get("num_classes")
+    if num_classes is not None and (not isinstance(num_classes, int)
+                                    or isinstance(num_classes, bool) or num_classes < 1):
+        raise ValueError(f"num_classes={num_classes!r} must be an int ≥ 1 (attributions "
+                         "explain a class score)")
+
+
+def _create(name: str, pretrained: bool, seed: int, model_kwargs: Mapping[str, Any]
+            ) -> nn.Module:
+    """``timm.create_model``, with new parameters (random weights, or a head replaced for
+    ``num_classes``) drawn from ``seed`` (the global torch RNG is left untouched); a model
+    that does not take a keyword is a one-line ValueError."""
+    try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = timm.create_model(name, pretrained=False, **model_kwargs)
-    return adapt(model.to(device), name).set_precision(precision)
+            return timm.create_model(name, pretrained=pretrained, **model_kwargs)
+    except TypeError as e:
+        bad = next((k for k in model_kwargs if repr(k) in str(e)), None)
+        if bad is None:
+            raise
+        raise _ModelArgumentError(f"model {name!r} does not take "
+                                  f"{bad}={model_kwargs[bad]!r}") from e
+
+
+def _model_config(model: nn.Module, name: str, model_kwargs: Mapping[str, Any]
+                  ) -> dict[str, Any]:
+    """The data config of the built model; with ``img_size``, its input size (a ViT whose
+    patches do not tile it is refused: timm would drop the border pixels)."""
+    cfg = data_config(model)
+    img_size = model_kwargs.get("img_size")
+    if img_size is None:
+        return cfg
+    size = _pair(img_size)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is not None and (size[0] % patch[0] or size[1] % patch[1]):
+        raise ValueError(f"img_size={img_size!r} is not a multiple of the patch size "
+                         f"{patch[0]}×{patch[1]} of {name!r}; use e.g. img_size="
+                         f"{max(1, round(size[0] / patch[0])) * patch[0]}")
+    if getattr(model, "patch_embed", None) is None:  # CNNs: any size, config follows
+        cfg["input_size"] = (3, *size)
+    return cfg

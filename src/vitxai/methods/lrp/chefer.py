@@ -7,7 +7,7 @@ the whole batch, so its maps are only right for batch 1: Transformer-Explainabil
 
 Rules (docs/methods.md §3, LRP α=1, β=0):
 - Linear: z⁺_ij = x⁺_i w⁺_ij + x⁻_i w⁻_ij, R_i = Σ_j z⁺_ij / Σ_i′ z⁺_i′j · R_j (bias excluded).
-- Identity for LayerNorm, GELU, softmax, dropout, LayerScale.
+- Identity for LayerNorm (norm_pre of CLIP towers too), GELU, softmax, dropout, LayerScale.
 - A·V and q·kᵀ: gradient × input on each operand, both halved.
 - Residual y = a + b: a′ = a·R/y, b′ = b·R/y, rescaled so Σa = |Σa′|/(|Σa′| + |Σb′|)·ΣR.
 """
@@ -271,7 +271,7 @@ class FullLrpParams:
     family="lrp",
     vit_only=True,
     uses={"attention", "attention_grad", "lrp"},
-    aliases=("full_lrp", "lrp_full"),
+    aliases=("full", "full_lrp", "lrp_full"),
     paper="Chefer, Gur & Wolf 2021a (CVPR), `full` mode of ViT_LRP (LRP to the pixels)",
     summary="LRP α1β0 through every block, the position-embedding add and the patch conv (z^B).",
 )
@@ -279,13 +279,20 @@ def chefer_full_lrp(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Te
                     p: FullLrpParams, context: BatchContext) -> Attribution:
     model = adapter.model
     pe = model.patch_embed
-    if (model.pos_embed is None or type(model.norm_pre).__name__ != "Identity"
+    pre_norm = type(model.norm_pre).__name__ != "Identity"
+    if (model.pos_embed is None
+            or (pre_norm and not isinstance(model.norm_pre, torch.nn.LayerNorm))
             or type(pe.norm).__name__ != "Identity" or tuple(pe.proj.stride) != adapter.patch_size):
         raise ValueError(f"chefer_full_lrp needs a plain timm ViT embedding ({adapter.name!r})")
 
     vp, reused, rel = _relevance(adapter, images, targets, context, 0)
     with torch.no_grad():
         x0, r0 = vp.capture.activations[0]["x"], rel.block_input_relevance[0]
+        if pre_norm:
+            # CLIP towers (pre_norm): block 0 reads norm_pre(tokens + pos). Chefer's rule for
+            # LayerNorm is the identity, as for norm1/norm2/norm, so R passes through unchanged
+            # and the add is split at norm_pre's input, recomputed here
+            x0 = model._pos_embed(pe(adapter.normalize(images).to(x0.dtype)))
         if getattr(model, "no_embed_class", False):
             # pos_embed is added to the patches only (DeiT-3, DINOv2): the prefix tokens'
             # relevance stays on them, the add splits that of the patches
