@@ -93,7 +93,8 @@ def test_dinov2_with_registers_at_224_has_a_16_by_16_grid():
     ({"img_size": 0}, "img_size=0 must be a positive"),
     ({"img_size": -32}, "img_size=-32 must be a positive"),
     ({"img_size": 170}, "img_size=170 is not a multiple of the patch size 16×16"),
-    ({"num_classes": 0}, "num_classes=0 must be an int ≥ 1"),
+    ({"num_classes": -1}, "num_classes=-1 must be an int ≥ 1"),
+    ({"num_classes": 0}, r"no classifier head \(num_classes=0\)"),
 ])
 def test_nonsense_sizes_are_one_line_value_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -368,8 +368,10 @@ def _check_model_kwargs(model_kwargs: Mapping[str, Any]) -> None:
             raise ValueError(f"img_size={img_size!r} must be a positive number of pixels "
                              "(an int, or (height, width))")
     num_classes = model_kwargs.get("num_classes")
+    # 0 (a headless backbone) is built, then refused by check_classifier_head, which says how
+    # to get a classifier
     if num_classes is not None and (not isinstance(num_classes, int)
-                                    or isinstance(num_classes, bool) or num_classes < 1):
+                                    or isinstance(num_classes, bool) or num_classes < 0):
         raise ValueError(f"num_classes={num_classes!r} must be an int ≥ 1 (attributions "
                          "explain a class score)")
 
