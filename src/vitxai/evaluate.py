@@ -358,9 +358,7 @@ def _recomputing_groups(adapter: ModelAdapter, dataset: ImageDataset, indices: l
 
 
 def _params(config: dict[str, Any], name: str) -> dict[str, Any]:
-    raw = dict(config["methods"][name])
-    if "segmentation" in raw and isinstance(raw["segmentation"], dict):
-        from vitxai.methods.perturbation import SegmentationParams
-
-        raw["segmentation"] = SegmentationParams(**raw["segmentation"])
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    """A method's recorded parameters (JSON lists back to tuples; a recorded segmentation
+    dict is turned into its dataclass by the method's own parameters)."""
+    return {k: tuple(v) if isinstance(v, list) else v
+            for k, v in config["methods"][name].items()}

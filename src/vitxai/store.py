@@ -489,15 +489,15 @@ def check_derived(root: str | Path, name: str, data: Mapping[str, Any],
             f"({identity['fingerprint']}, {identity['n_images']} images); {remedy}")
 
 
-def read_evaluation(root: str | Path) -> dict[str, Any] | None:
+def read_evaluation(root: str | Path, identity: Mapping[str, Any]) -> dict[str, Any] | None:
     """The run's evaluation results, None when it has none; results computed from another
-    run (or from fewer of its images) are a :class:`RunDirectoryError`."""
+    run than ``identity`` (:func:`run_identity`), or from fewer of its images, are a
+    :class:`RunDirectoryError`."""
     root = Path(root)
     if not (root / EVALUATION).is_file():
         return None
-    config, manifest = finished_run(root)
     evaluation = read_json(root / EVALUATION)
-    check_derived(root, EVALUATION, evaluation, run_identity(config, manifest),
+    check_derived(root, EVALUATION, evaluation, identity,
                   "evaluate the run again (`vitxai evaluate`)")
     return evaluation
 

@@ -87,10 +87,9 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _sections(root: Path) -> list[tuple[str, str, list, list, list[Path]]]:
+def _sections(root: Path, config: dict, aggregates: dict, evaluation: dict | None
+              ) -> list[tuple[str, str, list, list, list[Path]]]:
     """(title, text, header, rows, figures) per report section."""
-    config = json.loads((root / "config.json").read_text())
-    aggregates = json.loads((root / "aggregates.json").read_text())
     names = aggregates["methods"]
     sub = aggregates["subsets"]["all"]
     figures = root / "figures"
@@ -138,9 +137,8 @@ def _sections(root: Path) -> list[tuple[str, str, list, list, list[Path]]]:
                          "Unified binary masks compared per image, then averaged; a pair with "
                          "an empty denominator is undefined and excluded (n = images counted).",
                          ["A \\ B", *names], rows, [heat] if heat.exists() else []))
-    ev = read_evaluation(root)
-    if ev is not None:
-        for title, table in ev.get("tables", {}).items():
+    if evaluation is not None:
+        for title, table in evaluation.get("tables", {}).items():
             sections.append((title, table.get("text", ""), table["header"], table["rows"],
                              [root / f for f in table.get("figures", [])]))
     cost_cols = [c for c in COST_COLUMNS if c in columns]
@@ -183,9 +181,11 @@ def write_report(root: str | Path) -> tuple[Path, Path]:
 
 def _write_report(root: Path) -> tuple[Path, Path]:
     config, manifest = finished_run(root)
-    check_derived(root, AGGREGATES, read_json(root / AGGREGATES), run_identity(config, manifest),
+    identity = run_identity(config, manifest)
+    aggregates = read_json(root / AGGREGATES)
+    check_derived(root, AGGREGATES, aggregates, identity,
                   "rerun the same `vitxai compare` command to refresh it")
-    sections = _sections(root)
+    sections = _sections(root, config, aggregates, read_evaluation(root, identity))
     parts = [f"<!doctype html><meta charset='utf-8'><title>vitxai report: "
              f"{html.escape(root.name)}</title><style>{_CSS}</style>{_LOAD_PROBE}",
              f"<h1>vitxai report: {html.escape(root.name)}</h1>"]
