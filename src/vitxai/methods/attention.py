@@ -13,6 +13,7 @@ import torch
 
 from vitxai.methods.base import Attribution, BatchContext, Cost, register_method, to_patch_map
 from vitxai.methods.vit_pass import (
+    class_readout_row,
     pass_cost,
     readout_row,
     residual_product_row,
@@ -220,9 +221,7 @@ def grad_rollout(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tenso
     if p.legacy:
         grads = [softmax_input_gradient(a, g) for a, g in zip(attn, grads, strict=True)]
         grads = grads[::-1]
-    readout = readout_row(adapter, attn[0].shape[-1], attn[0].shape[0], attn[0].dtype,
-                          attn[0].device)
-    r = readout
+    r = class_readout_row(adapter, vp)
     for layer in range(depth - 1, p.start_layer - 1, -1):
         fused = (attn[layer] * grads[layer]).mean(dim=1).clamp(min=0)
         fused = discard_lowest(fused, p.discard_ratio, protect_cls=False)
@@ -269,7 +268,7 @@ def chefer2021b(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor
     attn = vp.capture.attention_maps()
     grads = vp.capture.gradient_maps()
     r = residual_product_row(
-        adapter, attn[0], start,
+        adapter, vp, start,
         lambda layer: (grads[layer] * attn[layer].detach()).clamp(min=0).mean(dim=1))
     return _patch_attribution("chefer2021b", adapter, images, targets, r, pass_cost(vp, reused))
 
@@ -296,7 +295,7 @@ def attention_gradcam(adapter: ViTAdapter, images: torch.Tensor, targets: torch.
     vp, reused = vit_pass(adapter, images, targets, context, gradients=True)
     a = vp.capture.attention_maps()[-1].detach()
     g = vp.capture.gradient_maps()[-1]
-    readout = readout_row(adapter, a.shape[-1], a.shape[0], a.dtype, a.device)
+    readout = class_readout_row(adapter, vp)
     a_row = torch.einsum("bn,bhnm->bhm", readout, a)
     g_row = torch.einsum("bn,bhnm->bhm", readout, g)
     weights = g_row[:, :, adapter.num_prefix_tokens:].mean(dim=-1, keepdim=True)

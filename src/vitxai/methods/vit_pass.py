@@ -78,7 +78,11 @@ def pass_cost(vp: ViTPass, reused: bool) -> Cost:
 def readout_row(adapter: ViTAdapter, n_tokens: int, batch: int, dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor:
     """The (B, N) read-out vector: e₀ (CLS), or ½(e₀ + e₁) for distilled DeiT, whose eval head
-    averages the CLS and distillation heads (docs/methods.md §8)."""
+    averages the CLS and distillation heads (docs/methods.md §8), or a linear probe's token
+    weights averaged over its parts (1/P on every patch for ``mean_patch``; docs/methods.md
+    §10)."""
+    if adapter.probe is not None:
+        return adapter.probe.readout_row(n_tokens, batch, dtype, device)
     if adapter.global_pool not in ("token", "") and not adapter.distilled:
         raise ValueError(
             f"read-out for global_pool={adapter.global_pool!r} is not supported yet; "
@@ -92,20 +96,50 @@ def readout_row(adapter: ViTAdapter, n_tokens: int, batch: int, dtype: torch.dty
     return r
 
 
-def residual_product_row(adapter: ViTAdapter, like: torch.Tensor, start: int,
+def class_readout_row(adapter: ViTAdapter, vp: ViTPass) -> torch.Tensor:
+    """The (B, N) read-out row of the class-specific methods (gradient and relevance rollouts,
+    attention Grad-CAM) for the pass's targets.
+
+    A linear probe reading several tokens weighs them by the target's relevance at the read-out:
+    r_i = Σ_d R_id / Σ_(j,d) R_jd with R the LRP α1β0 relevance of the probe's linear map
+    (:func:`~vitxai.methods.lrp.rules.token_readout_rule`; non-negative), so the row follows
+    what the class score reads, and a ``cls+mean_patch`` probe with a zero patch half reads e₀
+    exactly. Without a probe (or where no token contributes positively): :func:`readout_row`.
+    """
+    like = vp.capture.attention[0]
+    row = readout_row(adapter, like.shape[-1], like.shape[0], like.dtype, like.device)
+    if adapter.probe is None:
+        return row
+    # imported here: the lrp package's __init__ imports its methods, which import this module
+    from vitxai.methods.lrp.rules import token_readout_rule
+
+    tokens = vp.capture.head_input
+    if tokens is None:
+        raise RuntimeError("the pass did not record the probe's input tokens")
+    tokens = tokens.to(like.dtype)
+    onehot = torch.zeros(tokens.shape[0], adapter.num_classes, dtype=tokens.dtype,
+                         device=tokens.device)
+    onehot[torch.arange(tokens.shape[0]), vp.targets.to(tokens.device)] = 1.0
+    relevance = token_readout_rule(tokens, adapter.probe.token_parts(tokens), onehot).sum(-1)
+    total = relevance.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, relevance / torch.where(total > 0, total, 1.0), row)
+
+
+def residual_product_row(adapter: ViTAdapter, vp: ViTPass, start: int,
                          abar_of: Callable[[int], torch.Tensor]) -> torch.Tensor:
     """Read-out row of the unnormalised product (I + Ā_{L−1})·…·(I + Ā_start).
 
     Shared by Chefer 2021a, its LRP-rollout sibling and Chefer 2021b, which differ only in Ā.
 
     Args:
-        like: a (B, h, N, N) tensor giving batch size, token count, dtype and device.
+        vp: the batch's pass (its targets choose the class-specific read-out row,
+            :func:`class_readout_row`).
         abar_of: block index → (B, N, N) fused matrix Ā of that block.
 
     Returns:
         (B, N): r = readoutᵀ·(I + Ā_{L−1})·…, computed right-to-left on the row only.
     """
-    r = readout_row(adapter, like.shape[-1], like.shape[0], like.dtype, like.device)
+    r = class_readout_row(adapter, vp)
     for layer in range(adapter.depth - 1, start - 1, -1):
         r = r + torch.bmm(r.unsqueeze(1), abar_of(layer)).squeeze(1)  # r ← r·(I + Ā)
     return r

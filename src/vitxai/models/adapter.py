@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from vitxai.models.probe import LinearProbe, attached_probe
+
 Precision = Literal["fp32", "bf16"]
 
 
@@ -50,8 +52,8 @@ def check_classifier_head(model: nn.Module, name: str) -> None:
     if getattr(model, "num_classes", None) == 0:
         raise ValueError(
             f"model {name!r} has no classifier head (num_classes=0): its outputs are features, "
-            "not classes; attach a linear probe or load weights with a head (a later release "
-            "adds `vitxai probe`)"
+            "not classes; train a linear probe with `vitxai probe` and pass it with --probe "
+            "(probe= in Python), or load weights with a head"
         )
 
 
@@ -270,7 +272,9 @@ class ViTAdapter(ModelAdapter):
 
     Token layout: ``num_prefix_tokens`` (CLS, distillation token, registers) come first, then
     the patches row by row; the grid comes from ``patch_embed.grid_size`` (never from √N, which
-    breaks with registers and non-square grids).
+    breaks with registers and non-square grids). A backbone with a linear probe as its head
+    (:func:`vitxai.models.probe.attach_probe`) has it in :attr:`probe`; the capture then
+    records all final tokens as ``head_input`` (B, N, D).
     """
 
     is_vit = True
@@ -290,6 +294,8 @@ class ViTAdapter(ModelAdapter):
         self.num_heads = int(self.blocks[0].attn.num_heads)
         self.global_pool = getattr(model, "global_pool", "token")
         self.distilled = hasattr(model, "head_dist")
+        #: the linear probe serving as classifier (vitxai.models.probe), or None
+        self.probe: LinearProbe | None = attached_probe(model)
 
     @property
     def num_tokens(self) -> int:

@@ -19,7 +19,14 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vitxai.models.adapter import ModelAdapter
-from vitxai.models.loading import ModelLoadError, adapt, read_state_dict, resolve_device
+from vitxai.models.loading import (
+    ModelLoadError,
+    adapt,
+    read_state_dict,
+    resolve_device,
+    with_probe,
+)
+from vitxai.models.probe import LinearProbe
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUNDLED_WEIGHTS = ASSETS / "benchmark_vit.safetensors"
@@ -70,7 +77,8 @@ def _sha256(path: Path) -> str:
 
 
 def load_bundled_model(device: str | torch.device = "cpu", *, weights: str | Path | None = None,
-                       card: str | Path | None = None, precision: str = "fp32") -> ModelAdapter:
+                       card: str | Path | None = None, precision: str = "fp32",
+                       probe: str | Path | LinearProbe | None = None) -> ModelAdapter:
     """The trained benchmark ViT, wrapped in a :class:`~vitxai.models.adapter.ViTAdapter`.
 
     Args:
@@ -81,6 +89,8 @@ def load_bundled_model(device: str | torch.device = "cpu", *, weights: str | Pat
         card: a model card JSON file (default: the bundled one).
         precision: "fp32" or "bf16", see
             :meth:`~vitxai.models.adapter.ModelAdapter.set_precision`.
+        probe: a linear probe on the model's frozen trunk, replacing its head (see
+            :func:`vitxai.models.loading.load_model`).
 
     Raises:
         ModelLoadError: the weights or card are missing, corrupt (checksum or format), or do
@@ -109,6 +119,8 @@ def load_bundled_model(device: str | torch.device = "cpu", *, weights: str | Pat
         raise _fail(path, f"weights do not match the card's architecture: {first}") from e
     config = dict(info["data_config"])
     config["input_size"] = tuple(config["input_size"])
+    if probe is not None:
+        with_probe(model, probe, BUNDLED_NAME)
     return adapt(model.to(device), name=BUNDLED_NAME, config=config).set_precision(precision)
 
 

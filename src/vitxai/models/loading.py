@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vitxai.models.adapter import ModelAdapter, ViTAdapter, is_timm_vit
+from vitxai.models.probe import LinearProbe, attach_probe, probe_from
 
 HUB_HOST = "huggingface.co"
 
@@ -290,13 +291,17 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     precision: str = "fp32",
+    probe: str | Path | LinearProbe | None = None,
     **model_kwargs: Any,
 ) -> ModelAdapter:
     """Build timm model ``name`` and wrap it in an adapter.
 
     Args:
         name: any timm model name, e.g. "vit_base_patch16_224", "deit_tiny_distilled_patch16_224",
-            "vit_small_patch14_reg4_dinov2".
+            "vit_small_patch14_reg4_dinov2"; or a Hugging Face transformers ViT as
+            "hf:ORG/NAME" (hub) or "hf:/path/to/dir" (a save_pretrained directory), converted
+            into the equivalent timm ViT (:mod:`vitxai.models.huggingface`; takes
+            ``img_size`` only, and ``pretrained=False`` gives its random weights).
         pretrained: fetch the hub weights (ignored when ``checkpoint`` is given).
         checkpoint: a local .safetensors or torch file (read with ``weights_only=True``);
             weights nested in it and wrapper prefixes of their names are found by
@@ -308,6 +313,10 @@ def load_model(
             random-weight runs are reproducible (the global torch RNG is left untouched).
         precision: "fp32" or "bf16" (bfloat16 autocast forward passes, float32 results), see
             :meth:`~vitxai.models.adapter.ModelAdapter.set_precision`.
+        probe: a linear probe (a file written by ``vitxai probe``, or a
+            :class:`~vitxai.models.probe.LinearProbe`) attached as the classifier of a
+            headless backbone (DINOv2, MAE, CLIP); it replaces a model's own head, with a
+            warning.
         **model_kwargs: passed to ``timm.create_model``: ``img_size`` (an int or (h, w); a
             ViT's position embeddings are interpolated to the new grid, e.g. DINOv2 ViT-B/14
             at 224 → 16×16, and the data config follows), ``num_classes`` (with pretrained
@@ -316,12 +325,19 @@ def load_model(
     Raises:
         ModelLoadError: unknown name, unreadable or mismatched checkpoint, or hub weights that
             cannot be fetched (within seconds when offline, naming ``--checkpoint``).
+        ProbeError: a probe file that cannot be read or does not fit the backbone.
         ValueError: ``device`` is malformed or absent on this machine; ``img_size`` or
             ``num_classes`` below 1, ``img_size`` not a multiple of a ViT's patch size, or a
             model that does not take them.
     """
     device = resolve_device(device)
     _check_model_kwargs(model_kwargs)
+    if name.startswith("hf:"):
+        from vitxai.models.huggingface import load_hf_model
+
+        return load_hf_model(name, pretrained=pretrained, checkpoint=checkpoint,
+                             checkpoint_key=checkpoint_key, device=device, seed=seed,
+                             precision=precision, probe=probe, **model_kwargs)
     if not timm.is_model(name.split(".")[0]):
         raise ModelLoadError(
             f"unknown timm model {name!r}; see timm.list_models('*vit*') for names"
@@ -350,8 +366,19 @@ def load_model(
             ) from e
     else:
         model = _create(name, False, seed, model_kwargs)
-    return adapt(model.to(device), name, _model_config(model, name, model_kwargs)
-                 ).set_precision(precision)
+    config = _model_config(model, name, model_kwargs)
+    if probe is not None:
+        with_probe(model, probe, name)
+    return adapt(model.to(device), name, config).set_precision(precision)
+
+
+def with_probe(model: nn.Module, probe: str | Path | LinearProbe, name: str) -> nn.Module:
+    """Attach ``probe`` (a file or a :class:`LinearProbe`) as ``model``'s classifier, warning
+    when it replaces a head or was trained on another backbone (returns ``model``)."""
+    probe, _ = probe_from(probe, name)  # warns itself about another backbone
+    for note in attach_probe(model, probe, name):
+        warnings.warn(note, stacklevel=3)
+    return model
 
 
 def _pair(value: Any) -> tuple[int, int]:

@@ -63,6 +63,7 @@ from vitxai.methods.lrp.rules import (
     abs_readout_rule,
     abs_scale_rule,
     abs_softmax_rule,
+    abs_token_readout_rule,
     n1,
 )
 from vitxai.models.adapter import Capture, ModelAdapter, ViTAdapter
@@ -97,12 +98,13 @@ def _check_supported(adapter: ModelAdapter) -> None:
     if not isinstance(adapter, ViTAdapter):
         raise _method_error(adapter, "is not a timm VisionTransformer")
     model = adapter.model
-    if getattr(model, "cls_token", None) is None or adapter.global_pool != "token" \
-            or getattr(model, "attn_pool", None) is not None:
-        raise _method_error(adapter, "does not read out a class token")
-    if not all(isinstance(h, nn.Linear) for h in _heads(adapter)) \
-            or not _is(model.fc_norm, "Identity"):
-        raise _method_error(adapter, "has no plain linear head on the class token")
+    if adapter.probe is None:  # a linear probe is one linear map of the tokens
+        if getattr(model, "cls_token", None) is None or adapter.global_pool != "token" \
+                or getattr(model, "attn_pool", None) is not None:
+            raise _method_error(adapter, "does not read out a class token")
+        if not all(isinstance(h, nn.Linear) for h in _heads(adapter)) \
+                or not _is(model.fc_norm, "Identity"):
+            raise _method_error(adapter, "has no plain linear head on the class token")
     if sum(t.shape[1] for t in _prefix_tokens(model)) != adapter.num_prefix_tokens:
         raise _method_error(adapter, "has prefix tokens its stem does not all prepend")
     for name in ("norm", "norm_pre"):
@@ -226,13 +228,18 @@ def _propagate(adapter: ViTAdapter, cap: Capture, images: torch.Tensor, seed: to
     model = adapter.model
     dtype = images.dtype
     acts = [{name: t.to(dtype) for name, t in a.items()} for a in cap.activations]
-    head_inputs = [cap.head_input] + ([cap.head_dist_input] if adapter.distilled else [])
-    r_readout = abs_readout_rule([x.to(dtype) for x in head_inputs], _heads(adapter),
-                             seed.to(dtype))
     last = acts[-1]["x1"] + acts[-1]["b2"]  # final-norm input = last block's output
-    relevance = torch.zeros_like(last)
-    for i, r in enumerate(r_readout):  # token pooling reads CLS (and DIST) only
-        relevance[:, i] = r
+    if adapter.probe is not None:  # the probe reads the final norm's output (all tokens)
+        tokens = cap.head_input.to(dtype)
+        relevance = abs_token_readout_rule(tokens, adapter.probe.token_parts(tokens),
+                                           adapter.probe.linear.bias.to(dtype), seed.to(dtype))
+    else:
+        head_inputs = [cap.head_input] + ([cap.head_dist_input] if adapter.distilled else [])
+        r_readout = abs_readout_rule([x.to(dtype) for x in head_inputs], _heads(adapter),
+                                     seed.to(dtype))
+        relevance = torch.zeros_like(last)
+        for i, r in enumerate(r_readout):  # token pooling reads CLS (and DIST) only
+            relevance[:, i] = r
     if isinstance(model.norm, nn.LayerNorm):
         relevance = abs_layernorm_rule(last, model.norm, relevance)
     block_input: list[torch.Tensor] = []

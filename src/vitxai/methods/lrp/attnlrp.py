@@ -62,6 +62,7 @@ from vitxai.methods.base import (
     to_patch_map,
 )
 from vitxai.models.adapter import ViTAdapter
+from vitxai.models.probe import LinearProbe
 from vitxai.params import check_choice, check_range
 
 Mode = Literal["attnlrp", "cplrp"]
@@ -69,7 +70,9 @@ Mode = Literal["attnlrp", "cplrp"]
 _GELUS = (nn.GELU, GELU, GELUTanh, QuickGELU)  # all satisfy f(x)/x → ½ as x → 0
 _GELU_SLOPE_AT_ZERO = 0.5
 # modules whose plain gradient is already the rule (linear maps, eval-mode identities) ...
-_PLAIN = (nn.Linear, nn.Conv2d, nn.Dropout, nn.Identity, DropPath, LayerScale, PatchDropout)
+# (a linear probe is one linear map of the tokens; the γ-rule does not reach inside it)
+_PLAIN = (nn.Linear, nn.Conv2d, nn.Dropout, nn.Identity, DropPath, LayerScale, PatchDropout,
+          LinearProbe)
 # ... and containers whose own forward only wires children with adds, reshapes and concats
 _CONTAINERS = (nn.ModuleList, nn.Sequential, Block, Mlp, PatchEmbed)
 

@@ -32,8 +32,14 @@ from vitxai.methods.lrp.rules import (
     matmul_rule,
     patch_embedding_rule,
     residual_rule,
+    token_readout_rule,
 )
-from vitxai.methods.vit_pass import pass_cost, readout_row, residual_product_row, vit_pass
+from vitxai.methods.vit_pass import (
+    class_readout_row,
+    pass_cost,
+    residual_product_row,
+    vit_pass,
+)
 from vitxai.models.adapter import ViTAdapter
 from vitxai.params import block_index, check_range
 
@@ -66,7 +72,7 @@ def relevance_pass(adapter: ViTAdapter, capture, targets: torch.Tensor, stop_lay
     if head_in is None:
         raise RuntimeError("the pass did not record the classifier input")
     heads = [model.head] + ([model.head_dist] if adapter.distilled else [])
-    if not all(isinstance(h, torch.nn.Linear) for h in heads):
+    if adapter.probe is None and not all(isinstance(h, torch.nn.Linear) for h in heads):
         raise ValueError(f"chefer2021a needs a linear classifier head ({adapter.name!r})")
     if type(model.fc_norm).__name__ != "Identity":
         raise ValueError("chefer2021a needs the token read-out without fc_norm")
@@ -75,8 +81,11 @@ def relevance_pass(adapter: ViTAdapter, capture, targets: torch.Tensor, stop_lay
     onehot[torch.arange(b), targets.to(head_in.device)] = 1.0
     first = capture.activations[depth - 1]["x"]
     relevance = torch.zeros_like(first)
-    # token pooling sends everything to the read-out tokens; the final norm is identity
-    if adapter.distilled:
+    # the read-out sends everything to the tokens it reads; the final norm is identity
+    if adapter.probe is not None:
+        # a linear probe reads every token (mean patch) or the class token: one linear map
+        relevance = token_readout_rule(head_in, adapter.probe.token_parts(head_in), onehot)
+    elif adapter.distilled:
         # eval output = (head(CLS) + head_dist(DIST)) / 2: split R by the residual rule
         dist_in = capture.head_dist_input
         halves = (model.head(head_in) / 2, model.head_dist(dist_in) / 2)
@@ -165,7 +174,7 @@ def chefer2021a(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor
     with torch.no_grad():
         grads = vp.capture.gradient_maps()
         r = residual_product_row(
-            adapter, vp.capture.attention[0], p.start_layer,
+            adapter, vp, p.start_layer,
             lambda layer: (grads[layer] * rel.attention_relevance[layer]).clamp(min=0)
             .mean(dim=1))
     return _patch_attribution("chefer2021a", adapter, images, targets, r, vp, reused)
@@ -218,7 +227,7 @@ def chefer_lrp_rollout(adapter: ViTAdapter, images: torch.Tensor, targets: torch
     vp, reused, rel = _relevance(adapter, images, targets, context, p.start_layer)
     with torch.no_grad():
         r = residual_product_row(
-            adapter, vp.capture.attention[0], p.start_layer,
+            adapter, vp, p.start_layer,
             lambda layer: rel.attention_relevance[layer].clamp(min=0).mean(dim=1))
     return _patch_attribution("chefer_lrp_rollout", adapter, images, targets, r, vp, reused)
 
@@ -255,8 +264,7 @@ def chefer_last_layer(adapter: ViTAdapter, images: torch.Tensor, targets: torch.
     if p.ablation:
         r_a = r_a * vp.capture.gradient_maps()[layer]
     abar = r_a.clamp(min=0).mean(dim=1)
-    readout = readout_row(adapter, abar.shape[-1], abar.shape[0], abar.dtype, abar.device)
-    row = torch.bmm(readout.unsqueeze(1), abar).squeeze(1)
+    row = torch.bmm(class_readout_row(adapter, vp).unsqueeze(1), abar).squeeze(1)
     return _patch_attribution("chefer_last_layer", adapter, images, targets, row, vp, reused)
 
 

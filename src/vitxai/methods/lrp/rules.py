@@ -76,6 +76,29 @@ def linear_rule(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) 
     return positive_contraction(x, weight.T, s)
 
 
+def token_readout_rule(tokens: torch.Tensor, parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                       relevance: torch.Tensor) -> torch.Tensor:
+    """LRP α1β0 through a linear read-out of tokens, y = Σ_k Σ_i ω_ki x_i W_kᵀ + b.
+
+    The :func:`linear_rule` of that one linear map (a linear probe on the class token, the
+    mean patch token or both; docs/methods.md §10): with ω ≥ 0,
+    z⁺_(i,d),c = ω_ki (x_id w_k,cd)⁺ and Σ_(i,d) z⁺ = Σ_k (ω_kᵀX⁺) W_k⁺ᵀ + (ω_kᵀX⁻) W_k⁻ᵀ.
+
+    Args:
+        tokens: X (B, N, D).
+        parts: [(ω_k (N,), W_k (C, D))].
+        relevance: (B, C).
+
+    Returns:
+        (B, N, D) the relevance of every token feature.
+    """
+    xp, xn = tokens.clamp(min=0), tokens.clamp(max=0)
+    z = sum(torch.einsum("n,bnd->bd", w, xp) @ wk.clamp(min=0).T
+            + torch.einsum("n,bnd->bd", w, xn) @ wk.clamp(max=0).T for w, wk in parts)
+    s = safe_divide(relevance, z)[:, None, :]
+    return sum(w[None, :, None] * positive_contraction(tokens, wk.T, s) for w, wk in parts)
+
+
 def residual_rule(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the relevance of y = a + b between a and b, conserving ΣR per sample.
@@ -227,6 +250,27 @@ def abs_readout_rule(inputs: Sequence[torch.Tensor], heads: Sequence[nn.Linear],
         _split_by_sign(lambda t, x=x, wt=w.T / k: _twin_product(x, wt, t), s)
         for x, w in zip(inputs, weights, strict=True)
     ])
+
+
+def abs_token_readout_rule(tokens: torch.Tensor,
+                           parts: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                           bias: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """absLRP through a linear read-out of tokens, y = Σ_k Σ_i ω_ki x_i W_kᵀ + b.
+
+    :func:`abs_linear_rule` of that one linear map (a linear probe; docs/methods.md §10):
+    G_(i,d) = Σ_k ω_ki Σ_c 2(x_id w_k,cd)⁺ s_c with s = R/|y| (ω ≥ 0 factors out).
+
+    Args:
+        tokens: X (B, N, D); parts: [(ω_k (N,), W_k (C, D))]; bias: b (C,);
+        relevance: (B, C).
+
+    Returns:
+        (B, N, D) the relevance of every token feature.
+    """
+    y = sum(torch.einsum("n,bnd->bd", w, tokens) @ wk.T for w, wk in parts) + bias
+    return share(relevance, [_split_by_sign(
+        lambda t: sum(w[None, :, None] * _twin_product(tokens, wk.T, t[:, None, :])
+                      for w, wk in parts), scaled(relevance, y))])[0]
 
 
 def abs_matmul_rule(a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor
