@@ -91,16 +91,15 @@ def test_recorded_parameters_rebuild_the_methods(tmp_path):
     import json
 
     from vitxai.cli import main
-    from vitxai.evaluate import _params
     from vitxai.methods.perturbation import SegmentationParams
     from vitxai.models.bundled import load_bundled_model
-    from vitxai.runner import resolve_methods
+    from vitxai.runner import recorded_methods
 
     out = tmp_path / "r"
     assert main(["compare", "--n-images", "2", "--methods", "lime", "--no-progress",
                  "--param", "lime.n_samples=16", "--segmentation", 'algorithm="slic"',
                  "--out", str(out)]) == 0
     config = json.loads((out / "config.json").read_text())
-    params = resolve_methods(load_bundled_model(), ["lime"], {"lime": _params(config, "lime")})
-    assert params["lime"].segmentation == SegmentationParams(algorithm="slic")
-    assert params["lime"].n_samples == 16
+    params = recorded_methods(load_bundled_model(), config)
+    assert params["lime"].params.segmentation == SegmentationParams(algorithm="slic")
+    assert params["lime"].params.n_samples == 16

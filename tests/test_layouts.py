@@ -66,6 +66,11 @@ LAYOUTS = {
 }
 
 
+# class activation maps need a CNN feature map; on a ViT they point to the token Grad-CAM
+UNSUPPORTED.update({(m, name): "needs a CNN feature map" for m in METHODS
+                    if METHODS[m].family == "cam" for name in LAYOUTS})
+
+
 @functools.cache
 def layout(name: str):
     return LAYOUTS[name]()
@@ -93,6 +98,8 @@ def _check_native(r, b: int, size: tuple[int, int], grid: tuple[int, int]) -> No
         assert r.native.shape == (b, *grid)
     elif r.native_kind == "pixel":
         assert r.native.shape == (b, *size)
+    elif r.native_kind == "feature":  # a CNN feature map's grid
+        assert r.native.ndim == 3 and r.native.shape[0] == b and min(r.native.shape) >= 1
     else:
         assert r.native_kind == "superpixel"
         assert r.segments.shape == (b, *size) and r.native.ndim == 2

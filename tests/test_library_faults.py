@@ -159,14 +159,17 @@ def test_random_map_contrastiveness_needs_groups_of_different_classes(bundled_so
     assert (drawn["contrastiveness"] < 0.25).all()
 
 
-def test_evaluate_gae_draws_groups_of_different_classes(bundled_sorted):
+def test_evaluate_gae_draws_groups_of_different_classes(bundled_sorted, tmp_path):
     adapter, data = bundled_sorted
     targets = torch.tensor(data.labels)
     out = _recomputing_groups(
-        adapter, data, list(range(len(data))), targets, ["attention_rollout"],
+        tmp_path, adapter, data, list(range(len(data))), targets, ["attention_rollout"],
         {"methods": {"attention_rollout": {}}}, EvaluateSettings(groups=("gae",),
                                                                   sanity_images=8))
-    (row,) = out["tables"]["GAE (Vukadin et al. 2024, fixed)"]["rows"]
+    (row,) = out["tables"]["GAE (Vukadin et al. 2024)"]["rows"]
+    per_positive = out["tables"]["GAE: every positive"]["rows"]
+    assert len(per_positive) == 2 and (tmp_path / "figures" / "gae_extremes.png").is_file()
+    assert [r[0] for r in per_positive] == ["attention_rollout"] * 2
     # rollout is class-agnostic: over four classes its mosaic relevance covers the other
     # classes' tiles (the first eight images, mostly one class, gave C = 0.5)
     assert float(row[4]) < 0.25
@@ -289,3 +292,23 @@ def test_float64_feature_maps_keep_float64(vit64, name, space):
     assert torch.equal(r.maps, ref)
     assert not torch.equal(r.maps, r.maps.float().double())
 
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"gae_images": 6}, "gae_images=6 must be a positive multiple of 4"),
+    ({"gae_steps": 1}, "gae_steps=1 must be ≥ 2"),
+])
+def test_gae_settings_are_checked_in_one_line(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EvaluateSettings(groups=("gae",), **kwargs)
+
+
+def test_evaluate_gae_legacy_schedule_is_recorded(bundled_sorted, tmp_path):
+    adapter, data = bundled_sorted
+    out = _recomputing_groups(
+        tmp_path, adapter, data, list(range(len(data))), torch.tensor(data.labels),
+        ["attention_rollout"], {"methods": {"attention_rollout": {}}},
+        EvaluateSettings(groups=("gae",), sanity_images=0, gae_images=4, gae_steps=3,
+                         gae_legacy=True))
+    table = out["tables"]["GAE (Vukadin et al. 2024)"]
+    assert "3 masking steps, schedule legacy" in table["text"] and len(table["rows"]) == 1

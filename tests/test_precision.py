@@ -94,8 +94,9 @@ SMALL = {"lime": {"n_samples": 24}, "kernel_shap": {"n_samples": 24}, "rise": {"
 def test_every_method_runs_under_bf16():
     adapter = tiny_vit().set_precision("bf16")
     images = images_for(adapter, 2)
-    context = BatchContext.for_batch(2, planned=list(METHODS))
-    for name in sorted(METHODS):
+    vit_methods = sorted(m for m, spec in METHODS.items() if spec.family != "cam")  # CNNs
+    context = BatchContext.for_batch(2, planned=vit_methods)
+    for name in vit_methods:
         result = attribute(name, adapter, images, [1, 2], context=context,
                            **SMALL.get(name, {}))
         assert result.maps.dtype == torch.float32, name

@@ -1,7 +1,8 @@
 """The ``vitxai`` command: a thin layer over the library.
 
 Sub-commands: ``compare`` (the comparison, default on the bundled benchmark), ``methods``
-(the registry), ``data imagenette`` (download), ``train-benchmark`` (retrain the bundled ViT).
+(the registry), ``data imagenette`` (download), ``train-benchmark`` (retrain the bundled ViT),
+``finetune-deletion`` (fine-tune a model with deleted grid cells, for ``evaluate --idsds``).
 Errors the user can fix are printed as one line (``vitxai: error: ...``) with exit code 2,
 errors of the environment (full disk, read-only or misplaced paths, corrupt files) as one line
 naming the file with exit code 1, and Ctrl-C as one line with exit code 130.
@@ -31,7 +32,9 @@ from vitxai.source import DEFAULT_IMAGENET_MODEL, SYNTHETIC_DEFAULT_SIZE, RunSou
 
 #: integer options and their least value (argparse accepts any int)
 COUNT_OPTIONS = {"n_images": 1, "sample_size": 1, "batch_size": 1, "steps": 1,
-                 "sanity_images": 0, "img_size": 1, "num_classes": 1}
+                 "sanity_images": 0, "img_size": 1, "num_classes": 1, "grid": 1,
+                 "id_steps": 1, "epochs": 1, "step_size": 1, "val_size": 1,
+                 "gae_steps": 2, "workers": 1, "cpus_per_worker": 1}
 #: errnos that only a write can cause
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EDQUOT})
 #: the library names its parameters ("device='cuda'", "save_attr_maps=True"); errors on the
@@ -41,7 +44,7 @@ VALUE_OPTIONS = {"device": "--device", "checkpoint": "--checkpoint",
                  "idx_sample_img": "--idx_sample_img", "precision": "--precision",
                  "crop_pct": "--crop-pct", "resize": "--resize",
                  "interpolation": "--interpolation", "img_size": "--img-size",
-                 "num_classes": "--num-classes"}
+                 "num_classes": "--num-classes", "probe": "--probe", "labels": "--labels"}
 _VALUE_PARAMETER = re.compile(r"(?<![\w.])(" + "|".join(VALUE_OPTIONS)
                               + r")=(?:'([^']*)'|([^\s:;,)']+))")
 #: ... switches, and other library wording → command-line wording
@@ -85,16 +88,18 @@ def _check_counts(args: argparse.Namespace) -> None:
 
 def _method_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     from vitxai.methods import get_method
+    from vitxai.methods.variants import parse_choice
 
+    labels = {parse_choice(m).label for m in _method_labels(args) if "=" in m or ":" in m}
     overrides: dict[str, dict[str, Any]] = {}
     for key, value in _parse_assignments(args.param, "--param").items():
         method, dot, name = key.partition(".")
         if not dot:
             raise ValueError(f"--param {key!r} must look like METHOD.PARAMETER=VALUE")
-        spec = get_method(method)
         if name == "segmentation" or name.startswith("segmentation."):
             raise ValueError("set segmentation with --segmentation, not --param")
-        overrides.setdefault(spec.name, {})[name] = value
+        key = method if method in labels else get_method(method).name
+        overrides.setdefault(key, {})[name] = value
     for name, value in (("head_fusion", args.head_fusion), ("discard_ratio", args.discard_ratio)):
         if value is not None:
             overrides.setdefault("attention_rollout", {})[name] = value
@@ -107,12 +112,13 @@ def _segmentation_overrides(args: argparse.Namespace, methods: Sequence[str],
         return
     from vitxai.methods import get_method
     from vitxai.methods.perturbation import SegmentationParams
+    from vitxai.methods.variants import parse_choice
     from vitxai.params import build
 
     seg = build(SegmentationParams, _parse_assignments(args.segmentation, "--segmentation"),
                 "--segmentation")
     for m in methods:
-        spec = get_method(m)
+        spec = get_method(parse_choice(m).method)
         if "segments" in spec.uses:
             overrides.setdefault(spec.name, {})["segmentation"] = seg
 
@@ -201,24 +207,55 @@ def _default_methods(adapter, preferred: Sequence[str], notes: list[str]) -> lis
     return methods
 
 
+def _engine(args: argparse.Namespace):
+    from vitxai.engines import EngineSettings, require_ray
+
+    if args.engine == "local":
+        return None
+    require_ray()  # one line naming the extra before the model loads
+    return EngineSettings("ray", address=args.address, workers=args.workers,
+                          gpus_per_worker=args.gpus_per_worker,
+                          cpus_per_worker=args.cpus_per_worker, ship_images=args.ship_images)
+
+
+def _method_labels(args: argparse.Namespace) -> list[str]:
+    """--methods plus the lines of --variants FILE (blank lines and # comments skipped)."""
+    labels = list(args.methods or [])
+    if getattr(args, "variants", None):
+        try:
+            text = Path(args.variants).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--variants {args.variants}: cannot read it "
+                             f"({type(e).__name__})") from None
+        labels += [line.split("#", 1)[0].strip() for line in text.splitlines()
+                   if line.split("#", 1)[0].strip()]
+    return labels
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from vitxai.compare import SEED_METHODS, CompareSettings, compare
     from vitxai.masks import MaskParams
     from vitxai.methods import get_method
+    from vitxai.methods.variants import parse_choice
     from vitxai.params import build
 
     _check_counts(args)
-    methods = args.methods or list(SEED_METHODS)
+    methods = _method_labels(args) or list(SEED_METHODS)
     overrides = _method_overrides(args)
     _segmentation_overrides(args, methods, overrides)
-    for name, params in overrides.items():  # refuse before the model loads (minutes)
-        get_method(name).make_params(**params)
+    for choice in map(parse_choice, methods):  # refuse before the model loads (minutes)
+        get_method(choice.method).make_params(**{**overrides.get(choice.method, {}),
+                                                 **overrides.get(choice.label, {}),
+                                                 **choice.params})
+    for name, params in overrides.items():
+        if name not in {parse_choice(m).label for m in methods}:
+            get_method(name).make_params(**params)
     mask = build(MaskParams, _parse_assignments(args.mask, "--mask"), "--mask")
     if args.evaluate:
         args.save_attr_maps = True
     source = _source(args)
     adapter, dataset, notes = source.load()
-    if not args.methods:
+    if not (args.methods or args.variants):
         methods = _default_methods(adapter, SEED_METHODS, notes)
     settings = CompareSettings(
         methods=methods, method_params=overrides, mask=mask, target=args.target,
@@ -230,7 +267,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     start = time.perf_counter()
     agg = compare(adapter, dataset, out, settings, progress=not args.no_progress,
-                  overwrite=args.overwrite, notes=notes, source=source.record())
+                  overwrite=args.overwrite, notes=notes, source=source.record(),
+                  engine=_engine(args))
     _print_summary(agg, out, time.perf_counter() - start,
                    random_weights=args.random_weights and not args.checkpoint)
     if args.evaluate:
@@ -240,17 +278,34 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _evaluate_settings(args: argparse.Namespace):
     from vitxai.evaluate import EvaluateSettings
+    from vitxai.metrics.faithfulness import idsds_baseline
 
     groups = ["faithfulness", "localization", "complexity", "agreement"]
-    groups += [g for g in ("sanity", "gae") if getattr(args, g, False)]
+    groups += [g for g in ("sanity", "gae", "idsds") if getattr(args, g, False)]
+    # any --id-* option asks for incremental deletion
+    if args.incremental_deletion or args.id_update_attribution or any(
+            getattr(args, k) is not None for k in ("id_steps", "id_order", "id_baseline")):
+        groups.append("incremental_deletion")
     if args.unit is not None:
         warnings.warn("--unit is deprecated; use --space token|pixel", FutureWarning,
                       stacklevel=2)
         args.space = "token" if args.unit == "patch" else args.unit
+    idsds = "idsds" in groups
+    # IDSDS's names (zeros, uniform, blur) → vitxai's; under --idsds only those three
+    baseline = (idsds_baseline(args.baseline) if idsds or args.baseline == "zeros"
+                else args.baseline)
+    id_baseline = "mean" if args.id_baseline == "zeros" else args.id_baseline
     return EvaluateSettings(groups=groups, steps=args.steps, space=args.space,
-                            baseline=args.baseline, topk=args.topk,
-                            sanity_images=args.sanity_images, seed=args.seed,
-                            allow_missing=args.allow_missing)
+                            baseline=baseline, topk=args.topk,
+                            sanity_images=args.sanity_images, gae_images=args.gae_images,
+                            gae_steps=args.gae_steps, gae_legacy=args.gae_schedule == "legacy",
+                            seed=args.seed,
+                            allow_missing=args.allow_missing, grid=args.grid,
+                            transform=args.attribution_transform,
+                            idsds_checkpoint=getattr(args, "finetuned", None) if idsds else None,
+                            id_steps=args.id_steps or 32, id_order=args.id_order or "ascending",
+                            id_baseline=id_baseline,
+                            id_update_attribution=args.id_update_attribution)
 
 
 def _run_evaluate(out: Path, adapter, dataset, args: argparse.Namespace) -> None:
@@ -266,6 +321,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vitxai.store import finished_run
 
     _check_counts(args)
+    if args.idsds != (args.finetuned is not None):
+        raise ValueError("--idsds needs --checkpoint FINETUNED (the output of `vitxai "
+                         "finetune-deletion`), and --checkpoint serves --idsds only")
     out = Path(args.run_dir)
     config, _ = finished_run(out)  # refuse before loading the model
     adapter, dataset, _ = RunSource.from_config(config, out).load()
@@ -344,12 +402,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from vitxai.finetune import CARD, WEIGHTS, FinetuneSettings, finetune_deletion
+
+    _check_counts(args)
+    settings = FinetuneSettings(
+        grid=args.grid, baseline=args.baseline, epochs=args.epochs, step_size=args.step_size,
+        gamma=args.gamma, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+        batch_size=args.batch_size, val_size=args.val_size, val_seed=args.val_seed,
+        seed=args.seed)
+    source = _source(args)
+    slug = f"finetune-{Path(args.data).stem}-{source.model_name}-grid{args.grid}-{args.baseline}"
+    out = Path(args.out) if args.out else Path("runs") / re.sub(r"[^A-Za-z0-9_.-]+", "-", slug)
+    card = finetune_deletion(out, source, settings, time_budget_s=args.time_budget,
+                             checkpoint_every_s=args.checkpoint_every, overwrite=args.overwrite,
+                             progress=not args.no_progress)
+    ep, acc = card["epochs"], card["accuracy"]
+    print(f"{ep['done']} of {ep['planned']} epochs" + (
+        "" if ep["complete"] else " (time budget spent: rerun the same command to continue)"))
+    if acc["after"]:
+        print(f"clean accuracy {acc['before']['clean_accuracy']:.1%} -> "
+              f"{acc['after']['clean_accuracy']:.1%}; deleted-cell accuracy "
+              f"{acc['before']['deleted_accuracy']:.1%} -> "
+              f"{acc['after']['deleted_accuracy']:.1%} (best epoch {ep['best']})")
+        print(out / WEIGHTS)
+    print(out / CARD)
+    return 0
+
+
 #: how a folder's labels, targets and class names are found (--help of compare and explain)
 LABELS_HELP = ("Labels: an image in a top-level subfolder named after an ImageNet-1k WordNet id "
                "(data/n01440764/x.jpg) gets that class; --labels FILE.csv sets (or overrides) "
                "them. CSV rows are 'file,class': the image's file name or path relative to "
                "the folder, and a class index or name (names from --class-names, else "
                "ImageNet-1k's).")
+
+
+def _add_probe_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--probe", metavar="FILE.safetensors",
+                   help="a linear probe from `vitxai probe`, attached as the classifier of a "
+                        "headless backbone (DINOv2, MAE, CLIP); replaces a model's own head "
+                        "with a warning")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from vitxai.probing import card_markdown, train_probe
+
+    source = _source(args)
+    out = Path(args.out) if args.out else Path("probes") / re.sub(
+        r"[^A-Za-z0-9_.+-]+", "-", f"{source.model_name}-{args.readout}")
+    card = train_probe(source, out, readout=args.readout, l2_grid=args.l2,
+                       heldout=args.heldout, seed=args.seed, batch_size=args.batch_size,
+                       cache_dir=args.cache_dir)
+    for note in card["notes"]:
+        print(f"note: {note}")
+    print(card_markdown(card))
+    print(f"probe: {out / 'probe.safetensors'} (card: {out / 'card.json'})")
+    return 0
 
 
 def _add_model_size_options(p: argparse.ArgumentParser) -> None:
@@ -405,6 +514,11 @@ def _add_data_options(p: argparse.ArgumentParser, truth: bool = True) -> None:
                         "their names match it, else all")
 
 
+#: --baseline of the deletion metrics: vitxai's names, the deprecated "zero", IDSDS's "zeros"
+DELETION_BASELINES = ["mean", "blur", "image_mean", "uniform_normalized", "black", "white",
+                      "uniform", "zero", "zeros"]
+
+
 def _add_evaluate_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--steps", type=int, default=20, help="deletion/insertion steps")
@@ -412,22 +526,47 @@ def _add_evaluate_options(p: argparse.ArgumentParser) -> None:
                    help="what deletion/insertion removes: patch tokens (default; pixels for "
                         "non-ViTs) or pixels")
     g.add_argument("--unit", choices=["patch", "pixel"], help=argparse.SUPPRESS)  # deprecated
-    g.add_argument("--baseline", default="mean",
-                   choices=["mean", "blur", "image_mean", "uniform_normalized", "black",
-                            "white", "uniform", "zero"],
+    g.add_argument("--baseline", default="mean", choices=DELETION_BASELINES,
                    help="what deleted units become: mean (the model's mean colour, default), "
                         "blur, image_mean, uniform_normalized, ... (docs/conventions.md; zero "
-                        "is the deprecated name of mean)")
+                        "is the deprecated name of mean); IDSDS's names zeros (= mean), "
+                        "uniform (= uniform_normalized) and blur; --idsds takes only these")
     g.add_argument("--topk", type=float, default=0.1,
                    help="share of patches in the top-k of the rank-agreement metrics")
     g.add_argument("--sanity", action="store_true",
                    help="also run cascading model randomisation (recomputes maps)")
-    g.add_argument("--gae", action="store_true", help="also compute GAE (recomputes maps)")
+    g.add_argument("--gae", action="store_true", help="also compute GAE (recomputes maps): "
+                   "components per method and per positive, best and worst explained images")
+    g.add_argument("--gae-images", type=int, metavar="N",
+                   help="images used by --gae, a multiple of 4 (default: --sanity-images)")
+    g.add_argument("--gae-steps", type=int, default=10, help="GAE masking steps T (≥ 2)")
+    g.add_argument("--gae-schedule", choices=["fixed", "legacy"], default="fixed",
+                   help="fixed (default) or legacy: the reference's strided mosaics and MoRF "
+                        "schedule (docs/evaluation.md §7)")
     g.add_argument("--allow-missing", action="store_true",
                    help="evaluate the images whose maps are readable and list the others "
                         "(default: a missing or corrupt map file is an error)")
     g.add_argument("--sanity-images", type=int, default=4,
                    help="images used by --sanity and --gae")
+    g.add_argument("--grid", type=int, default=4,
+                   help="cells per side of single deletion and IDSDS (default 4: 56-px cells "
+                        "at 224 px)")
+    g.add_argument("--attribution-transform", choices=["raw", "abs", "relu"], default="raw",
+                   help="applied to each map after its channel sum by single deletion, IDSDS "
+                        "and incremental deletion (default raw)")
+    i = p.add_argument_group("incremental deletion (Hesse et al. 2024; any --id-* option "
+                             "turns it on)")
+    i.add_argument("--incremental-deletion", action="store_true",
+                   help="mean softmax of the target while ever more pixels, ranked by the "
+                        "saved map, are set to the baseline")
+    i.add_argument("--id-steps", type=int, help="deletion steps (default 32)")
+    i.add_argument("--id-order", choices=["ascending", "descending"],
+                   help="least relevant pixels first (default; higher is better) or most "
+                        "relevant first (lower is better)")
+    i.add_argument("--id-baseline", choices=DELETION_BASELINES, help="default: --baseline")
+    i.add_argument("--id-update-attribution", action="store_true",
+                   help="recompute the map after every step, deleted pixels kept deleted "
+                        "(costs steps × the method)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -445,7 +584,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "the six methods of the original comparison on the bundled benchmark.")
     c.add_argument("--methods", nargs="+", help="registry names or aliases (default: the six "
                    "of the original comparison; its four model-agnostic ones on models other "
-                   "than ViTs); see `vitxai methods`")
+                   "than ViTs; see `vitxai methods`), variants LABEL=METHOD(NAME=VALUE,...) "
+                   "side by side, e.g. 'ig_u=integrated_gradients(baseline=uniform)', or the "
+                   "IDSDS benchmark's presets idsds:IxG, idsds:IG-U, ... (docs/conventions.md)")
+    c.add_argument("--variants", metavar="FILE",
+                   help="more method labels, one per line (# comments), as for --methods")
     c.add_argument("--data", default="synthetic",
                    help="'synthetic' (bundled ground-truth benchmark, default), 'imagenette', "
                         "or a folder of images or one image file (labels: see below)")
@@ -457,8 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-root", default="data", help="where `vitxai data imagenette` unpacked")
     c.add_argument("--variant", default="full", choices=["full", "320", "160"],
                    help="imagenette variant")
-    c.add_argument("--model", help="'bundled' (default with --data synthetic) or a timm name "
-                   f"(default otherwise {DEFAULT_IMAGENET_MODEL})")
+    c.add_argument("--model", help="'bundled' (default with --data synthetic), a timm name "
+                   f"(default otherwise {DEFAULT_IMAGENET_MODEL}), or a Hugging Face ViT: "
+                   "hf:ORG/NAME or hf:/path/to/dir (needs the hf extra)")
     c.add_argument("--checkpoint", help="local weights (.safetensors or torch file)")
     c.add_argument("--checkpoint-key", metavar="KEY",
                    help="the entry of --checkpoint holding the weights, e.g. model_ema "
@@ -466,6 +610,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--random-weights", action="store_true",
                    help="do not fetch pretrained weights (for smoke tests)")
     _add_model_size_options(c)
+    _add_probe_option(c)
+    r = c.add_argument_group(
+        "scale-out", "Compute batches on Ray workers; the driver commits them into the run "
+        "directory, so resume, the lock and the results are those of a local run.")
+    r.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (this process, default) or ray (needs the ray extra)")
+    r.add_argument("--address", help="Ray cluster: 'auto' or ray://HOST:PORT (default: start "
+                                     "a local Ray instance)")
+    r.add_argument("--workers", type=int, default=1, help="Ray workers (model replicas)")
+    r.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per worker (0: CPU workers)")
+    r.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores per worker")
+    r.add_argument("--ship-images", action="store_true",
+                   help="decode images on the driver and send them to the workers (data "
+                        "not on a path every node sees)")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     c.add_argument("--precision", default="float32", choices=["float32", "bf16", "float64"],
                    help="float32 (default); bf16: forward passes in bfloat16 autocast, 2-3x "
@@ -508,6 +667,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("--seed", type=int, default=0)
     _add_evaluate_options(ev)
+    ev.add_argument("--idsds", action="store_true",
+                    help="also IDSDS (Hesse et al. 2024): every method recomputed on the "
+                         "fine-tuned --checkpoint for the ground-truth labels, then single "
+                         "deletion on it (same --grid and --baseline as the fine-tuning)")
+    ev.add_argument("--checkpoint", dest="finetuned", metavar="FINETUNED",
+                    help="with --idsds: a `vitxai finetune-deletion` output of the run's model "
+                         "(its folder or finetuned.safetensors)")
     ev.set_defaults(func=cmd_evaluate)
 
     e = sub.add_parser(
@@ -526,12 +692,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--discard-ratio", "--discard_ratio", dest="discard_ratio", type=float,
                    help="discard ratio of attention rollout and gradient rollout")
     e.add_argument("--model", default=DEFAULT_IMAGENET_MODEL,
-                   help="timm model name, or 'bundled'")
+                   help="timm model name, 'bundled', or hf:ORG/NAME | hf:/path/to/dir")
     e.add_argument("--checkpoint", help="local weights (.safetensors or torch file)")
     e.add_argument("--checkpoint-key", metavar="KEY",
                    help="the entry of --checkpoint holding the weights, e.g. model_ema")
     e.add_argument("--random-weights", action="store_true")
     _add_model_size_options(e)
+    _add_probe_option(e)
     e.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE")
     e.add_argument("--device", default="cpu")
     e.add_argument("--seed", type=int, default=0)
@@ -554,6 +721,47 @@ def build_parser() -> argparse.ArgumentParser:
     imn.add_argument("--no-progress", action="store_true")
     imn.set_defaults(func=cmd_data)
 
+    from vitxai.models.probe import READOUTS
+    from vitxai.probing import L2_GRID
+
+    pr = sub.add_parser(
+        "probe", help="train a linear probe on a frozen backbone (DINOv2, MAE, CLIP, ...)",
+        description="Train a linear probe (L-BFGS logistic regression, L2 chosen on a held-out "
+                    "split) on a frozen timm ViT's read-out, with features extracted once and "
+                    "cached. Writes probe.safetensors, card.json and card.md; use the probe "
+                    "with --probe in compare, explain and evaluate.")
+    pr.add_argument("--model", help="'bundled' (default with --data synthetic) or a timm "
+                    "name, e.g. vit_base_patch14_dinov2.lvd142m")
+    pr.add_argument("--checkpoint", help="local weights of the backbone")
+    pr.add_argument("--checkpoint-key", metavar="KEY")
+    pr.add_argument("--random-weights", action="store_true",
+                    help="do not fetch pretrained weights (for smoke tests)")
+    pr.add_argument("--img-size", type=int, metavar="N", help="build the backbone at N×N")
+    pr.add_argument("--data", default="synthetic", help="'synthetic', 'imagenette', or a "
+                    "folder with one subfolder per class (or --labels FILE.csv)")
+    pr.add_argument("--split", help="synthetic: single|pair|parts; imagenette: train|val")
+    pr.add_argument("--n-images", type=int, help="size of the generated synthetic set")
+    pr.add_argument("--data-seed", type=int, default=1,
+                    help="seed of the generated synthetic images (default 1: not the "
+                         "comparison's images)")
+    pr.add_argument("--data-root", default="data")
+    pr.add_argument("--variant", default="full", choices=["full", "320", "160"])
+    pr.add_argument("--readout", default="cls", choices=list(READOUTS),
+                    help="cls (class token), mean_patch (mean of the patch tokens) or "
+                         "cls+mean_patch (DINOv2's linear evaluation)")
+    pr.add_argument("--l2", type=float, nargs="+", default=list(L2_GRID),
+                    metavar="LAMBDA", help="L2 strengths to choose from on the held-out split")
+    pr.add_argument("--heldout", type=float, default=0.2,
+                    help="share of each class held out to choose λ (default 0.2)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--cache-dir", help="feature cache (default ~/.cache/vitxai/features)")
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--precision", default="float32", choices=["float32", "bf16"])
+    pr.add_argument("--out", help="output folder (default probes/MODEL-READOUT)")
+    _add_data_options(pr, truth=False)
+    pr.set_defaults(func=cmd_probe)
+
     t = sub.add_parser("train-benchmark",
                        help="train the bundled ViT on the synthetic benchmark")
     t.add_argument("--out", default=str(Path(__file__).parent / "assets"))
@@ -561,6 +769,64 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-budget", type=float, default=1200.0,
                    help="seconds of training at most (default 1200 = 20 min)")
     t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser(
+        "finetune-deletion", help="fine-tune a model with deleted grid cells (for IDSDS)",
+        description="Fine-tune a model so that one deleted grid cell is in-domain (IDSDS, "
+                    "Hesse et al. 2024): with probability 1/2 per image one uniformly chosen "
+                    "cell is set to the baseline. Defaults are the paper's schedule. Keeps the "
+                    "best clean-accuracy checkpoint (finetuned.safetensors) and a card; "
+                    "rerunning the same command resumes. Use the result with `vitxai evaluate "
+                    "RUN --idsds --checkpoint OUT`.")
+    f.add_argument("--data", default="synthetic",
+                   help="'synthetic' (generated, default), 'imagenette' (split train; val "
+                        "validates), or a folder of labelled images (--val-size held out)")
+    f.add_argument("--split", help="synthetic: single (default)|pair|parts; imagenette: train")
+    f.add_argument("--n-images", type=int, help="training images generated on synthetic data "
+                   "(default 2048)")
+    f.add_argument("--data-seed", type=int, default=1,
+                   help="seed of the generated training images (default 1; compare's 20240 "
+                        "stays unseen)")
+    f.add_argument("--data-root", default="data")
+    f.add_argument("--variant", default="full", choices=["full", "320", "160"])
+    f.add_argument("--model", help="'bundled' (default with --data synthetic) or a timm name")
+    f.add_argument("--checkpoint", help="local weights of a timm model to start from")
+    f.add_argument("--checkpoint-key", metavar="KEY")
+    f.add_argument("--random-weights", action="store_true",
+                   help="start from random weights (for smoke tests)")
+    _add_model_size_options(f)
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--precision", default="float32", choices=["float32", "bf16", "float64"])
+    s = f.add_argument_group("deletion and schedule (defaults: the paper's)")
+    s.add_argument("--grid", type=int, default=4, help="cells per side (default 4)")
+    s.add_argument("--baseline", default="zeros", choices=["zeros", "uniform", "blur"],
+                   help="zeros: the model's mean colour (zero after normalisation; default); "
+                        "uniform: U(-1, 1) in normalised units; blur: Gaussian, kernel 51, "
+                        "sigma 41")
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--step-size", type=int, default=10, help="StepLR step in epochs")
+    s.add_argument("--gamma", type=float, default=0.1, help="StepLR factor")
+    s.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate")
+    s.add_argument("--momentum", type=float, default=0.9)
+    s.add_argument("--weight-decay", type=float, default=1e-4)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--val-size", type=int, default=256, help="validation images")
+    s.add_argument("--val-seed", type=int,
+                   help="seed of the validation images (default: --data-seed + 1 on "
+                        "synthetic data, else --seed)")
+    s.add_argument("--seed", type=int, default=0,
+                   help="shuffling, flips, deleted cells, dropout")
+    f.add_argument("--time-budget", type=float,
+                   help="stop after this many seconds; rerun the same command to continue")
+    f.add_argument("--checkpoint-every", type=float, default=60.0,
+                   help="seconds between resume checkpoints (default 60)")
+    f.add_argument("--out", help="output folder (default runs/finetune-DATA-MODEL-GRID-"
+                   "BASELINE); rerunning the same command resumes it")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace a different fine-tuning in --out")
+    f.add_argument("--no-progress", action="store_true")
+    _add_data_options(f, truth=False)
+    f.set_defaults(func=cmd_finetune)
     return parser
 
 

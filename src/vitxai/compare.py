@@ -15,7 +15,7 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from vitxai import __version__
 from vitxai.data.datasets import Batch, ImageDataset, select_indices
+from vitxai.engines import Engine, EngineSettings, start_engine
 from vitxai.masks import MaskParams
 from vitxai.methods.base import get_method, stable_seed
 from vitxai.metrics.agreement import mask_vs_truth, overlap_matrices
@@ -170,7 +171,7 @@ def run_config(adapter: ModelAdapter, dataset: ImageDataset, settings: CompareSe
     result = {
         "model": model,
         "dataset": dataset.describe(),
-        "methods": {k: dataclasses.asdict(v) for k, v in params.items()},
+        "methods": {k: dataclasses.asdict(v.params) for k, v in params.items()},
         "mask": dataclasses.asdict(settings.mask),
         "target": settings.target,
         "seed": settings.seed,
@@ -180,6 +181,9 @@ def run_config(adapter: ModelAdapter, dataset: ImageDataset, settings: CompareSe
         "n_images": len(indices),
         "source": dict(source or {}),
     }
+    variants = {label: r.method for label, r in params.items() if label != r.method}
+    if variants:  # recorded only when there are some, so that other runs keep fingerprints
+        result["variants"] = variants
     result["fingerprint"] = fingerprint(result)
     result["batch_size"] = settings.batch_size
     result["notes"] = list(notes)
@@ -189,7 +193,7 @@ def run_config(adapter: ModelAdapter, dataset: ImageDataset, settings: CompareSe
 
 
 #: config keys that do not change results, left out of the fingerprint
-UNFINGERPRINTED = ("fingerprint", "batch_size", "notes", "versions", "command")
+UNFINGERPRINTED = ("fingerprint", "batch_size", "notes", "versions", "command", "engine")
 
 
 def fingerprint(record: Mapping[str, Any]) -> str:
@@ -207,8 +211,10 @@ def renamed_run(out: str | Path, current: str) -> tuple[str, ...]:
         return ()
     try:
         record = json.loads(path.read_text())
-        record["methods"] = {name: get_method(name).current_names(params, warn=False)
-                             for name, params in record["methods"].items()}
+        variants = record.get("variants") or {}
+        record["methods"] = {
+            name: get_method(variants.get(name, name)).current_names(params, warn=False)
+            for name, params in record["methods"].items()}
     except (ValueError, KeyError, TypeError, AttributeError):
         return ()  # damaged or foreign: the store says so
     old = record.get("fingerprint")
@@ -372,10 +378,13 @@ def _sample_plot(store: RunStore, run: BatchRun, i: int, class_names: Mapping[in
 def compare(adapter: ModelAdapter, dataset: ImageDataset, out: str | Path,
             settings: CompareSettings | None = None, *, progress: bool = True,
             overwrite: bool = False, notes: Sequence[str] = (),
-            source: Mapping[str, Any] | None = None) -> dict[str, Any]:
+            source: Mapping[str, Any] | None = None,
+            engine: EngineSettings | None = None) -> dict[str, Any]:
     """Run the comparison and write the run directory ``out`` (see :mod:`vitxai.store`).
 
-    Reruns with the same settings resume: images already done are not recomputed.
+    Reruns with the same settings resume: images already done are not recomputed. With
+    ``engine=EngineSettings("ray", ...)`` the batches are computed by Ray workers rebuilt
+    from ``source`` and committed here (:mod:`vitxai.engines`); the results are the same.
 
     Returns:
         The aggregates also written to ``out/aggregates.json``.
@@ -395,30 +404,94 @@ def compare(adapter: ModelAdapter, dataset: ImageDataset, out: str | Path,
         indices = sorted([*indices, sample_index])
     config = run_config(adapter, dataset, s, params, indices, notes, source)
     renamed = () if overwrite else renamed_run(out, config["fingerprint"])
-    with RunStore(out, config, overwrite=overwrite, same_run=renamed) as store:
-        _run_batches(adapter, dataset, store, s, params, indices, sample_index, progress)
-        if not store.manifest["done"]:
-            raise ValueError(
-                f"no readable images in {dataset.describe().get('root', dataset.name)}: "
-                f"{len(store.manifest['skipped'])} "
-                f"skipped, see {store.root / MANIFEST}")
-        aggregates = aggregate(store.root, names)
-        aggregates["run"] = run_identity(config, store.manifest)
-        aggregates["skipped"] = store.manifest["skipped"]
-        aggregates["seconds"] = store.manifest["seconds"]
-        aggregates["predictions"] = prediction_summary(
-            read_rows(store.root, METHOD_ROWS, ("index", "method")),
-            adapter.num_classes or None)
-        store.write_json("aggregates.json", aggregates)
-        write_figures(store, aggregates, names)
-        store.complete()
+    workers = start_engine(engine, source, s, dataset)
+    config["engine"] = workers.record() if workers is not None else {"name": "local"}
+    try:
+        with RunStore(out, config, overwrite=overwrite, same_run=renamed) as store:
+            _run_batches(adapter, dataset, store, s, params, indices, sample_index, progress,
+                         workers)
+            aggregates = _finish(store, adapter, dataset, names, config)
+    finally:
+        if workers is not None:
+            workers.close()
     return aggregates
+
+
+def _finish(store: RunStore, adapter: ModelAdapter, dataset: ImageDataset,
+            names: Sequence[str], config: Mapping[str, Any]) -> dict[str, Any]:
+    """Aggregates, figures and the completion mark of a run whose batches are all in."""
+    if not store.manifest["done"]:
+        raise ValueError(
+            f"no readable images in {dataset.describe().get('root', dataset.name)}: "
+            f"{len(store.manifest['skipped'])} skipped, see {store.root / MANIFEST}")
+    aggregates = aggregate(store.root, names)
+    aggregates["run"] = run_identity(config, store.manifest)
+    aggregates["skipped"] = store.manifest["skipped"]
+    aggregates["seconds"] = store.manifest["seconds"]
+    aggregates["predictions"] = prediction_summary(
+        read_rows(store.root, METHOD_ROWS, ("index", "method")), adapter.num_classes or None)
+    store.write_json("aggregates.json", aggregates)
+    write_figures(store, aggregates, names)
+    store.complete()
+    return aggregates
+
+
+@dataclass
+class BatchPayload:
+    """What one computed batch commits: everything the driver of a distributed run needs
+    from a worker (:mod:`vitxai.engines`), and what the local loop hands to
+    :func:`commit_batch`.
+
+    Attributes:
+        indices: dataset indices computed; skipped: (index, path, reason) of unreadable ones.
+        method_rows, pair_rows: the batch's CSV rows.
+        maps: the map file's tensors (``save_attr_maps``), else None.
+        seconds: wall time of the batch.
+        sample: the batch's :class:`~vitxai.runner.BatchRun` when it holds the sample image
+            (for the sample figure), else None.
+    """
+
+    indices: list[int]
+    skipped: list[tuple[int, str, str]]
+    method_rows: list[dict[str, Any]]
+    pair_rows: list[dict[str, Any]]
+    maps: dict[str, torch.Tensor] | None
+    seconds: float
+    sample: BatchRun | None = None
+
+
+def compute_batch(batch: Batch, run: BatchRun | None, s: CompareSettings,
+                  sample_index: int | None) -> BatchPayload:
+    """The payload of one batch run by :func:`~vitxai.runner.run_batch` (None: every image
+    of the batch was unreadable)."""
+    if run is None:
+        return BatchPayload([], list(batch.skipped), [], [], None, 0.0)
+    method_rows, pair_rows = _batch_rows(run)
+    maps = _maps_record(batch, run.results, run.masks) if s.save_attr_maps else None
+    return BatchPayload(list(batch.indices), list(batch.skipped), method_rows, pair_rows,
+                        maps, time.perf_counter() - run.started,
+                        run if sample_index in batch.indices else None)
+
+
+def commit_batch(store: RunStore, payload: BatchPayload, class_names: Mapping[int, str],
+                 sample_index: int | None) -> None:
+    """Write one payload into the run directory through the journal (maps file, sample
+    figure, rows, manifest)."""
+    maps_file = (store.save_maps(payload.indices[0], payload.maps)
+                 if payload.maps is not None else None)
+    if payload.sample is not None and sample_index in payload.indices:
+        _sample_plot(store, payload.sample, payload.sample.batch.indices.index(sample_index),
+                     class_names)
+    store.finish_batch(payload.method_rows, payload.pair_rows, payload.indices,
+                       payload.skipped, payload.seconds, maps_file)
 
 
 def _run_batches(adapter: ModelAdapter, dataset: ImageDataset, store: RunStore,
                  s: CompareSettings, params: Mapping[str, Any], indices: Sequence[int],
-                 sample_index: int | None, progress: bool) -> None:
-    """Compute and commit every batch the run directory does not hold yet."""
+                 sample_index: int | None, progress: bool,
+                 engine: Engine | None = None) -> None:
+    """Compute and commit every batch the run directory does not hold yet, here or on the
+    ``engine``'s workers (whose payloads are committed here, in batch order)."""
     done = store.done_indices()
     todo = [i for i in indices if i not in done]
     if todo:
@@ -427,26 +500,30 @@ def _run_batches(adapter: ModelAdapter, dataset: ImageDataset, store: RunStore,
                desc="compare", disable=not progress, dynamic_ncols=True)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        for batch, run in run_batches(adapter, dataset, todo, params, batch_size=s.batch_size,
-                                      seed=s.seed, target=s.target, mask=s.mask,
-                                      measure_memory=s.measure_memory):
-            if sample_index in {i for i, _, _ in batch.skipped}:
+        payloads = (engine.payloads(todo, sample_index) if engine is not None
+                    else _local_payloads(adapter, dataset, todo, params, s, sample_index))
+        for payload in payloads:
+            if sample_index in {i for i, _, _ in payload.skipped}:
                 warnings.warn(f"sample image {sample_index} is unreadable; the sample figure "
                               "shows the next readable image instead", stacklevel=3)
                 sample_index = None
-            if sample_index is None and len(batch):
-                sample_index = batch.indices[0]
-            if run is None:
-                store.finish_batch([], [], [], batch.skipped, 0.0)
-                bar.update(len(batch.skipped))
-                continue
-            method_rows, pair_rows = _batch_rows(run)
-            maps_file = (store.save_maps(batch.indices[0],
-                                         _maps_record(batch, run.results, run.masks))
-                         if s.save_attr_maps else None)
-            if sample_index in batch.indices:
-                _sample_plot(store, run, batch.indices.index(sample_index), dataset.class_names)
-            store.finish_batch(method_rows, pair_rows, batch.indices, batch.skipped,
-                               time.perf_counter() - run.started, maps_file)
-            bar.update(len(batch) + len(batch.skipped))
+            if sample_index is None and payload.indices and payload.sample is not None:
+                sample_index = payload.indices[0]
+            commit_batch(store, payload, dataset.class_names, sample_index)
+            bar.update(len(payload.indices) + len(payload.skipped))
     bar.close()
+
+
+def _local_payloads(adapter: ModelAdapter, dataset: ImageDataset, todo: Sequence[int],
+                    params: Mapping[str, Any], s: CompareSettings, sample_index: int | None
+                    ) -> Iterator[BatchPayload]:
+    """The payloads of this process, batch by batch (decoding overlaps the model work)."""
+    next_readable = sample_index
+    for batch, run in run_batches(adapter, dataset, todo, params, batch_size=s.batch_size,
+                                  seed=s.seed, target=s.target, mask=s.mask,
+                                  measure_memory=s.measure_memory):
+        if next_readable in {i for i, _, _ in batch.skipped}:
+            next_readable = None  # the sample figure moves to the next readable image
+        if next_readable is None and len(batch):
+            next_readable = batch.indices[0]
+        yield compute_batch(batch, run, s, next_readable)

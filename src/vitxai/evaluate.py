@@ -6,6 +6,9 @@
 - faithfulness: deletion AUC (lower is better) and insertion AUC (higher is better) with the
   most relevant units first (Petsiuk et al. 2018), and single deletion on a 4×4 grid (Spearman
   between cell sums and logit drops; Hesse et al. 2024);
+- optionally IDSDS (Hesse et al. 2024): single deletion on a model fine-tuned with cell
+  deletions (:mod:`vitxai.finetune`), with the maps recomputed on it, for the ground-truth
+  labels; and incremental deletion (same paper) of the saved maps;
 - localization, where the dataset has truth masks: pointing game, relevance mass, relevance
   rank accuracy, and on the two-object split the class-discrimination score;
 - complexity: Gini sparseness and entropy (descriptive, no better direction);
@@ -23,7 +26,7 @@ out of each mean and counted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +37,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vitxai.data.datasets import ImageDataset
+from vitxai.metrics.faithfulness import check_grid
 from vitxai.metrics.scores import EVALUATION_PAIR_SCORES, EVALUATION_SCORES
 from vitxai.models.adapter import ModelAdapter
 from vitxai.store import (
     EVALUATION,
     EVALUATION_ROWS,
+    METHOD_ROWS,
     RunLock,
     finished_run,
     read_maps,
+    read_rows,
     run_identity,
     write_csv,
     write_json,
@@ -50,7 +56,8 @@ from vitxai.store import (
 #: per (image, method) scores and per-pair agreement scores (see vitxai.metrics.scores)
 SCORES = EVALUATION_SCORES
 PAIR_SCORES = tuple(EVALUATION_PAIR_SCORES)
-ALL_GROUPS = ("faithfulness", "localization", "complexity", "agreement", "sanity", "gae")
+ALL_GROUPS = ("faithfulness", "localization", "complexity", "agreement", "sanity", "gae",
+              "idsds", "incremental_deletion")
 
 
 @dataclass
@@ -58,8 +65,8 @@ class EvaluateSettings:
     """What :func:`evaluate` computes.
 
     Attributes:
-        groups: any of :data:`ALL_GROUPS`; "sanity" and "gae" recompute maps and are off by
-            default.
+        groups: any of :data:`ALL_GROUPS`; "sanity", "gae" and "idsds" recompute maps and,
+            like "incremental_deletion", are off by default.
         steps: deletion/insertion steps.
         space: what deletion/insertion removes: "token" (the ViT patch grid, default; pixels
             for other models) or "pixel".
@@ -73,6 +80,17 @@ class EvaluateSettings:
         seed: for baselines and the randomisation.
         allow_missing: skip images whose map file is missing or unreadable (listed in the
             results and the report) instead of refusing the run.
+        grid: cells per side of single deletion and IDSDS (4: 56-px cells at 224 px).
+        transform: "raw", "abs" or "relu", applied to a map after its channel sum by single
+            deletion, IDSDS and incremental deletion (Hesse et al. 2024).
+        idsds_checkpoint: group "idsds": a ``vitxai finetune-deletion`` output (its folder or
+            ``finetuned.safetensors``) of the run's model, fine-tuned with ``grid`` and
+            ``baseline`` (one of "mean", "uniform_normalized", "blur": IDSDS's zeros, uniform,
+            blur).
+        id_steps, id_order, id_baseline, id_update_attribution: group
+            "incremental_deletion": steps (32), "ascending" (least relevant pixels first) or
+            "descending", the baseline (None = ``baseline``), and whether the maps are
+            recomputed after every step (as the run computed them, on the run's model).
     """
 
     groups: Sequence[str] = ("faithfulness", "localization", "complexity", "agreement")
@@ -83,9 +101,19 @@ class EvaluateSettings:
     batch_size: int = 64
     images_per_step: int = 4
     sanity_images: int = 4
+    gae_images: int | None = None
+    gae_steps: int = 10
+    gae_legacy: bool = False
     seed: int = 0
     method_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     allow_missing: bool = False
+    grid: int = 4
+    transform: str = "raw"
+    idsds_checkpoint: str | None = None
+    id_steps: int = 32
+    id_order: str = "ascending"
+    id_baseline: str | None = None
+    id_update_attribution: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.groups) - set(ALL_GROUPS)
@@ -94,6 +122,18 @@ class EvaluateSettings:
                              f"{', '.join(ALL_GROUPS)}")
         if not 0 < self.topk <= 1:
             raise ValueError(f"parameter topk={self.topk} is out of range (0, 1]")
+        if self.transform not in ("raw", "abs", "relu"):
+            raise ValueError(f"transform={self.transform!r} must be 'raw', 'abs' or 'relu'")
+        if self.gae_images is not None and (self.gae_images < 4 or self.gae_images % 4):
+            raise ValueError(f"gae_images={self.gae_images} must be a positive multiple of 4 "
+                             "(GAE tiles groups of four images into mosaics)")
+        if self.gae_steps < 2:
+            raise ValueError(f"gae_steps={self.gae_steps} must be ≥ 2")
+        if self.id_order not in ("ascending", "descending"):
+            raise ValueError(f"id_order={self.id_order!r} must be 'ascending' or 'descending'")
+        if ("idsds" in self.groups) != (self.idsds_checkpoint is not None):
+            raise ValueError("IDSDS needs a fine-tuned checkpoint (`vitxai finetune-deletion`), "
+                             "and a checkpoint is only used by IDSDS: give both or neither")
 
 
 def _patch_scores(maps: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
@@ -104,7 +144,8 @@ def _patch_scores(maps: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
 
 def _image_scores(adapter: ModelAdapter, images: torch.Tensor, maps: torch.Tensor,
                   targets: torch.Tensor, s: EvaluateSettings, truth: torch.Tensor | None,
-                  other: torch.Tensor | None, image_ids: Sequence[int]
+                  other: torch.Tensor | None, image_ids: Sequence[int],
+                  reattribute: Callable[[torch.Tensor], torch.Tensor] | None = None
                   ) -> dict[str, np.ndarray]:
     from vitxai.metrics import complexity, faithfulness, localization
 
@@ -120,8 +161,15 @@ def _image_scores(adapter: ModelAdapter, images: torch.Tensor, maps: torch.Tenso
             out[f"{mode}_auc"] = faithfulness.auc(curves, fractions).double().numpy()
             out[f"{mode}_curve"] = curves.double().numpy()
         out["single_deletion"] = faithfulness.single_deletion(
-            adapter, images, maps, targets, baseline=s.baseline, batch_size=s.batch_size,
-            seed=s.seed, image_ids=image_ids).double().numpy()
+            adapter, images, maps, targets, grid=s.grid, baseline=s.baseline,
+            transform=s.transform, batch_size=s.batch_size, seed=s.seed,
+            image_ids=image_ids).double().numpy()
+    if "incremental_deletion" in s.groups:
+        out[f"incremental_deletion_{s.id_order}"] = faithfulness.incremental_deletion(
+            adapter, images, maps, targets, steps=s.id_steps, order=s.id_order,
+            baseline=s.id_baseline or s.baseline, transform=s.transform,
+            reattribute=reattribute, batch_size=s.batch_size, seed=s.seed,
+            image_ids=image_ids).double().numpy()
     if "localization" in s.groups and truth is not None:
         m, t = maps.numpy(), truth.numpy()
         out["pointing_game"] = np.array([localization.pointing_game(m[i], t[i])
@@ -196,6 +244,12 @@ def _evaluate(root: Path, adapter: ModelAdapter, dataset: ImageDataset, s: Evalu
     saved, missing = read_maps(root, allow_missing=s.allow_missing)
     indices = saved["index"].tolist()
     targets_all = saved["target"]
+    if {"faithfulness", "idsds"} & set(s.groups):
+        check_grid(s.grid, adapter.input_size)
+    # refuse a wrong checkpoint or a run without labels before any work
+    idsds = _idsds_setup(root, adapter, indices, s) if "idsds" in s.groups else None
+    reattribute = _reattribution(adapter, names, config) if (
+        "incremental_deletion" in s.groups and s.id_update_attribution) else None
     rows: list[dict[str, Any]] = []
     pair_values: dict[tuple[str, str], dict[str, list]] = {}
     curves: dict[str, list] = {n: [] for n in names}
@@ -214,7 +268,9 @@ def _evaluate(root: Path, adapter: ModelAdapter, dataset: ImageDataset, s: Evalu
         for name in names:
             maps = saved[f"{name}.map"][sel].to(adapter.dtype)
             scores = _image_scores(adapter, images, maps.to(adapter.device), targets, s,
-                                   truth, other, indices[sel])
+                                   truth, other, indices[sel],
+                                   reattribute(name, targets, indices[sel])
+                                   if reattribute else None)
             for i, index in enumerate(indices[sel]):
                 rows.append({"index": index, "method": name, **{
                     k: float(v[i]) for k, v in scores.items() if not k.endswith("_curve")}})
@@ -233,7 +289,10 @@ def _evaluate(root: Path, adapter: ModelAdapter, dataset: ImageDataset, s: Evalu
                     slot[m].extend(np.asarray(metrics[m], dtype=float).tolist())
         bar.update(len(samples))
     bar.close()
-    extra = _recomputing_groups(adapter, dataset, indices, targets_all, names, config, s)
+    extra = _recomputing_groups(root, adapter, dataset, indices, targets_all, names, config, s)
+    if idsds is not None:
+        extra["per_image"].update(_idsds_scores(idsds[0], dataset, indices, idsds[2], names,
+                                                config, s, progress))
     for r in rows:
         for key, per_index in extra.get("per_image", {}).items():
             method, score = key
@@ -245,6 +304,8 @@ def _evaluate(root: Path, adapter: ModelAdapter, dataset: ImageDataset, s: Evalu
             "text": f"Skipped: dataset {dataset.name!r} has no ground-truth masks.",
             "header": [], "rows": []}
     tables.update(extra.get("tables", {}))
+    if idsds is not None:
+        tables.update(_idsds_table(rows, names, idsds[1], config, s))
     if pair_values:
         header = ["A", "B", *PAIR_SCORES]
         body = [[a, b, *[f"{np.nanmean(v[m]):.3f}" if np.isfinite(v[m]).any() else "n/a"
@@ -295,37 +356,39 @@ def _curve_figure(root: Path, curves: dict[str, list]) -> Path | None:
                          root / "figures" / "faithfulness_curves.png")
 
 
-def _recomputing_groups(adapter: ModelAdapter, dataset: ImageDataset, indices: list[int],
-                        targets: torch.Tensor, names: Sequence[str], config: dict[str, Any],
-                        s: EvaluateSettings) -> dict[str, Any]:
+def _recomputing_groups(root: Path, adapter: ModelAdapter, dataset: ImageDataset,
+                        indices: list[int], targets: torch.Tensor, names: Sequence[str],
+                        config: dict[str, Any], s: EvaluateSettings) -> dict[str, Any]:
     """Sanity and GAE: they need fresh maps, so they run on a few images only.
 
     ``targets`` (N,) are the saved targets aligned with ``indices``. Sanity uses the first
-    ``s.sanity_images`` images; GAE draws ``s.sanity_images // 4`` groups of four at random
-    (seed ``s.seed``) with classes (the targets) different within a group where the data
-    allows, as its contrastiveness is 1 for any map when a mosaic shows one class only.
+    ``s.sanity_images`` images; GAE draws ``s.gae_images // 4`` (default: sanity_images // 4)
+    groups of four at random (seed ``s.seed``) with classes (the targets) different within a
+    group where the data allows, as its contrastiveness is 1 for any map when a mosaic shows
+    one class only (:func:`_gae_tables`).
     """
-    from vitxai.methods import attribute
-    from vitxai.runner import resolve_methods
+    from vitxai.runner import recorded_methods
 
     out: dict[str, Any] = {"tables": {}, "per_image": {}}
     n = min(s.sanity_images, len(indices))
-    if n == 0:
+    n_gae = min(s.gae_images if s.gae_images is not None else s.sanity_images, len(indices))
+    if max(n, n_gae) == 0:
         return out
 
     def load(chosen: Sequence[int]) -> torch.Tensor:
         return torch.stack([dataset.load(i).image for i in chosen]).to(adapter.device,
                                                                        adapter.dtype)
 
-    params = resolve_methods(adapter, names, {name: _params(config, name) for name in names})
-    if "sanity" in s.groups:
+    params = recorded_methods(adapter, config)
+    if "sanity" in s.groups and n:
         from vitxai.metrics.sanity import model_randomisation
 
         images, t = load(indices[:n]), targets[:n]
         body = []
         for name in names:
-            sims = model_randomisation(adapter, name, images, t, mode="cascading",
-                                       seed=s.seed, method_params=params[name])
+            sims = model_randomisation(adapter, params[name].method, images, t,
+                                       mode="cascading", seed=s.seed,
+                                       method_params=params[name].params)
             last = list(sims)[-1]
             body.append([name, f"{float(torch.nanmean(sims[list(sims)[0]])):.3f}",
                          f"{float(torch.nanmean(sims[last])):.3f}", str(n)])
@@ -336,29 +399,170 @@ def _recomputing_groups(adapter: ModelAdapter, dataset: ImageDataset, indices: l
                     "low similarity is good (Adebayo et al. 2018).",
             "header": ["method", "head randomised", "all randomised", "images"],
             "rows": body}
-    if "gae" in s.groups and n >= 4:
-        from vitxai.metrics.gae import gae, mosaic_groups
-
-        body = []
-        groups = mosaic_groups(targets.tolist(), n // 4, s.seed)
-        group = load([indices[k] for members in groups for k in members])
-        for name in names:
-            def relevance(x, tt, name=name):
-                return attribute(name, adapter, x, tt, method_params=params[name]).maps
-            scores = gae(adapter, relevance, group, seed=s.seed)
-            body.append([name] + [f"{float(scores[k].double().mean()):.3f}" for k in
-                                  ("faithfulness", "robustness", "local_consistency",
-                                   "contrastiveness", "gae")])
-        out["tables"]["GAE (Vukadin et al. 2024, fixed)"] = {
-            "text": f"On {group.shape[0]} images in groups of four drawn at random (seed "
-                    f"{s.seed}), classes different within a group where the data allows; every "
-                    "component in its range (GAE, LC, C in [0, 1]).",
-            "header": ["method", "F", "Rob", "LC", "C", "GAE"], "rows": body}
+    if "gae" in s.groups and n_gae >= 4:
+        out["tables"].update(_gae_tables(root, adapter, dataset, indices, targets, names,
+                                         params, n_gae, s))
     return out
 
 
-def _params(config: dict[str, Any], name: str) -> dict[str, Any]:
-    """A method's recorded parameters (JSON lists back to tuples; a recorded segmentation
-    dict is turned into its dataclass by the method's own parameters)."""
-    return {k: tuple(v) if isinstance(v, list) else v
-            for k, v in config["methods"][name].items()}
+def _gae_tables(root: Path, adapter: ModelAdapter, dataset: ImageDataset, indices: list[int],
+                targets: torch.Tensor, names: Sequence[str], params: dict[str, Any],
+                n_images: int, s: EvaluateSettings) -> dict[str, Any]:
+    """GAE (Vukadin et al. 2024) as a tool: the summary per method, the components of every
+    positive, and the best and worst explained positives (``figures/gae_extremes.png``)."""
+    from vitxai.methods import attribute
+    from vitxai.metrics.gae import gae, mosaic_groups
+    from vitxai.report.figures import gae_extremes_figure
+
+    components = ("faithfulness", "robustness", "local_consistency", "contrastiveness", "gae")
+    groups = mosaic_groups(targets.tolist(), n_images // 4, s.seed)
+    chosen = [indices[k] for members in groups for k in members]
+    images = torch.stack([dataset.load(i).image for i in chosen]).to(adapter.device,
+                                                                     adapter.dtype)
+    summary, per_positive, maps, scores = [], [], {}, {}
+    for name in names:
+        def relevance(x, tt, name=name):
+            return attribute(params[name], adapter, x, tt).maps
+        result = gae(adapter, relevance, images, steps=s.gae_steps, seed=s.seed,
+                     legacy=s.gae_legacy, batch_size=s.batch_size)
+        summary.append([name] + [f"{float(result[k].double().mean()):.3f}"
+                                 for k in components])
+        for g, pos in enumerate(result["positive"].tolist()):
+            per_positive.append([name, str(chosen[pos]), str(int(result["target"][g])),
+                                 " ".join(str(chosen[i]) for i in result["mosaic"][g].tolist()),
+                                 *[f"{float(result[k][g]):.3f}" for k in components]])
+        maps[name] = result["relevance"].double().numpy()
+        scores[name] = result["gae"].double().numpy()
+    positives = result["positive"].tolist()
+    shown = images[positives].permute(0, 2, 3, 1).clamp(0, 1).float().cpu().numpy()
+    (root / "figures").mkdir(exist_ok=True)
+    figure = gae_extremes_figure(shown, maps, scores, root / "figures" / "gae_extremes.png")
+    schedule = "legacy (the reference's strided mosaics and MoRF schedule)" if s.gae_legacy \
+        else "fixed (mosaics of each group, MoRF fractions t/T)"
+    text = (f"{n_images} images in groups of four drawn at random (seed {s.seed}), classes "
+            f"different within a group where the data allows; {s.gae_steps} masking steps, "
+            f"schedule {schedule}; every component in its range (GAE, LC, C in [0, 1]; F and "
+            "Rob in [−1, 1]).")
+    return {
+        "GAE (Vukadin et al. 2024)": {
+            "text": text, "header": ["method", "F", "Rob", "LC", "C", "GAE"],
+            "rows": summary, "figures": [str(figure.relative_to(root))]},
+        "GAE: every positive": {
+            "text": "One row per group: the positive (dataset index), the class explained, the "
+                    "four images of its mosaic, and its components.",
+            "header": ["method", "positive", "class", "mosaic", "F", "Rob", "LC", "C",
+                       "GAE"],
+            "rows": per_positive},
+    }
+
+
+def _reattribution(adapter: ModelAdapter, names: Sequence[str], config: dict[str, Any]
+                   ) -> Callable[[str, torch.Tensor, Sequence[int]],
+                                 Callable[[torch.Tensor], torch.Tensor]]:
+    """``make(method, targets, image_ids)`` → ``maps(images)``: the method recomputed with
+    the run's parameters and seed, for incremental deletion with attribution updates."""
+    from vitxai.methods import BatchContext, attribute
+    from vitxai.runner import recorded_methods
+
+    params = recorded_methods(adapter, config)
+    seed = config.get("seed", 0)
+
+    def make(name: str, targets: torch.Tensor, ids: Sequence[int]
+             ) -> Callable[[torch.Tensor], torch.Tensor]:
+        def maps(images: torch.Tensor) -> torch.Tensor:
+            ctx = BatchContext.for_batch(len(ids), seed, ids, planned=[name])
+            return attribute(params[name], adapter, images, targets, context=ctx).maps
+        return maps
+    return make
+
+
+def _idsds_setup(root: Path, adapter: ModelAdapter, indices: list[int], s: EvaluateSettings
+                 ) -> tuple[ModelAdapter, dict[str, Any], dict[int, int]]:
+    """(fine-tuned adapter, its card, ground-truth label per image) for IDSDS; one-line
+    errors for a checkpoint of another model, grid or baseline, and for unlabelled images."""
+    from vitxai.finetune import load_finetuned
+
+    tuned, card = load_finetuned(adapter, s.idsds_checkpoint)
+    if (card["grid"], card["baseline"]["vitxai"]) != (s.grid, s.baseline):
+        raise ValueError(
+            f"checkpoint {s.idsds_checkpoint} was fine-tuned deleting cells of a "
+            f"{card['grid']}×{card['grid']} grid with baseline {card['baseline']['idsds']!r}; "
+            f"IDSDS deletes the same cells: evaluate with grid={card['grid']} and "
+            f"baseline={card['baseline']['idsds']!r}")
+    labels = {int(r["index"]): int(r["label"])
+              for r in read_rows(root, METHOD_ROWS, ("index", "method"))
+              if isinstance(r.get("label"), int)}
+    unlabelled = [i for i in indices if labels.get(i, -1) < 0]
+    if unlabelled:
+        raise ValueError(f"IDSDS explains the ground-truth label, but {len(unlabelled)} of the "
+                         f"run's {len(indices)} images have none (first: {unlabelled[:5]}); "
+                         "run the comparison on labelled images (labels=FILE.csv)")
+    return tuned, card, labels
+
+
+def _idsds_scores(tuned: ModelAdapter, dataset: ImageDataset, indices: list[int],
+                  labels: dict[int, int], names: Sequence[str], config: dict[str, Any],
+                  s: EvaluateSettings, progress: bool) -> dict[tuple[str, str], dict[int, float]]:
+    """IDSDS per (method, "idsds") and image: every method recomputed on the fine-tuned model
+    with the run's parameters and seed, for the ground-truth label, then single deletion on
+    that model (Hesse et al. 2024)."""
+    from vitxai.methods import BatchContext, attribute
+    from vitxai.metrics.faithfulness import single_deletion
+    from vitxai.runner import recorded_methods
+
+    params = recorded_methods(tuned, config)
+    out: dict[tuple[str, str], dict[int, float]] = {(name, "idsds"): {} for name in names}
+    bar = tqdm(total=len(indices), unit="img", desc="IDSDS on the fine-tuned model",
+               disable=not progress)
+    for start in range(0, len(indices), s.images_per_step):
+        chosen = indices[start:start + s.images_per_step]
+        images = torch.stack([dataset.load(i).image for i in chosen]).to(tuned.device,
+                                                                         tuned.dtype)
+        targets = torch.tensor([labels[i] for i in chosen])
+        # the run's seed and image ids: the same random draws as the run's maps
+        ctx = BatchContext.for_batch(len(chosen), config.get("seed", 0), chosen,
+                                     planned=[params[n].method for n in names])
+        for name in names:
+            maps = attribute(params[name], tuned, images, targets, context=ctx).maps
+            rho = single_deletion(tuned, images, maps.to(tuned.device), targets, grid=s.grid,
+                                  baseline=s.baseline, transform=s.transform,
+                                  batch_size=s.batch_size, seed=s.seed, image_ids=chosen)
+            out[(name, "idsds")].update(zip(chosen, rho.tolist(), strict=True))
+        bar.update(len(chosen))
+    bar.close()
+    return out
+
+
+def _idsds_table(rows: list[dict[str, Any]], names: Sequence[str], card: dict[str, Any],
+                 config: dict[str, Any], s: EvaluateSettings) -> dict[str, Any]:
+    """IDSDS next to single deletion on the unmodified model, with the images each leaves
+    out as undefined (a constant map or constant drops)."""
+    from vitxai.stats import bootstrap_ci
+
+    def cell(values: np.ndarray) -> list[str]:
+        mean, lo, hi = bootstrap_ci(values, seed=0)
+        return [f"{mean:.4f}", f"[{lo:.4f}, {hi:.4f}]", str(int(np.isnan(values).sum()))]
+
+    body = []
+    for name in names:
+        mine = [r for r in rows if r["method"] == name]
+        body.append([name, *cell(np.array([r.get("idsds", np.nan) for r in mine], float)),
+                     *cell(np.array([r.get("single_deletion", np.nan) for r in mine], float)),
+                     str(len(mine))])
+    before, after = card["accuracy"]["before"], card["accuracy"]["after"]
+    return {"IDSDS (Hesse et al. 2024) and single deletion": {
+        "text": f"Spearman ρ per image between the map summed over each cell of a "
+                f"{s.grid}×{s.grid} grid ({s.transform} after the channel sum) and the "
+                f"pre-softmax logit drop when that cell alone is set to baseline "
+                f"{card['baseline']['idsds']!r}; means with bootstrap 95 % intervals, images "
+                "with an undefined ρ (constant map or drops) left out and counted. IDSDS: "
+                f"maps recomputed on the fine-tuned model {s.idsds_checkpoint} (base "
+                f"{card['base_model']['model']}, {card['epochs']['done']} epochs, best at "
+                f"epoch {card['epochs']['best']}; deleted-cell accuracy "
+                f"{before['deleted_accuracy']:.3f} → {after['deleted_accuracy']:.3f}, clean "
+                f"{before['clean_accuracy']:.3f} → {after['clean_accuracy']:.3f}), for the "
+                "ground-truth labels. Single deletion: the run's saved maps on the unmodified "
+                f"model, for the run's targets ({config.get('target', 'label')}).",
+        "header": ["method", "IDSDS ρ", "95 % CI", "undefined", "single deletion ρ",
+                   "95 % CI", "undefined", "images"],
+        "rows": body}}

@@ -1,11 +1,12 @@
 """The runner: resolve methods once, then run every method on a dataset batch by batch.
 
-:func:`resolve_methods` turns method names (aliases accepted) and parameter overrides into
-validated parameter dataclasses, refusing ViT-only methods on other models before any work
-is done. :func:`run_batch` runs one batch: one prediction pass, the targets, one
-:class:`~vitxai.methods.BatchContext` shared by every method (segmentation, the attention
-pass), every method, and optionally the unified masks. :func:`run_batches` streams a dataset
-through it. ``compare`` and ``explain`` use them, and so can the metrics that recompute maps.
+:func:`resolve_methods` turns method labels (names, aliases, variants and presets, see
+:mod:`vitxai.methods.variants`) and parameter overrides into validated parameter dataclasses,
+refusing ViT-only methods on other models before any work is done. :func:`run_batch` runs one
+batch: one prediction pass, the targets, one :class:`~vitxai.methods.BatchContext` shared by
+every method (segmentation, the attention pass), every method, and optionally the unified
+masks. :func:`run_batches` streams a dataset through it. ``compare`` and ``explain`` use
+them, and so can the metrics that recompute maps.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch
 from vitxai.data.datasets import Batch, ImageDataset, iter_batches
 from vitxai.masks import MaskParams, unified_masks
 from vitxai.methods import Attribution, BatchContext, attribute, get_method
+from vitxai.methods.variants import MethodChoice, parse_choice, recorded_choices
 from vitxai.models.adapter import ModelAdapter, require_vit
 
 #: what each image's explained class is: its label where known (else the prediction), the
@@ -46,31 +48,77 @@ def default_methods(adapter: ModelAdapter, preferred: Sequence[str] = SEED_METHO
     return agnostic or [m for m in SEED_METHODS if not get_method(m).vit_only]
 
 
+class ResolvedMethod(NamedTuple):
+    """One column of a run: the registry method behind its label and its validated
+    parameters. :func:`~vitxai.methods.attribute` takes it in place of a method name."""
+
+    method: str
+    params: Any
+
+
+def resolve_choices(adapter: ModelAdapter, choices: Sequence[MethodChoice],
+                    overrides: Mapping[str, Mapping[str, Any]] | None = None
+                    ) -> dict[str, ResolvedMethod]:
+    """Label → :class:`ResolvedMethod`, in the order of ``choices``.
+
+    Parameters, strongest first: the choice's own (a variant's), ``overrides`` keyed by its
+    label, ``overrides`` keyed by its method (name or alias: every label of that method; a
+    key that names a method is a method key).
+
+    Raises:
+        ValueError: no methods, an unknown method or parameter, a bad value, a ViT-only
+            method on another model, or one label naming two configurations — before any
+            work is done.
+    """
+    if not choices:
+        raise ValueError("no methods selected")
+    labels = {c.label for c in choices}
+    by_label: dict[str, Mapping[str, Any]] = {}
+    by_method: dict[str, Mapping[str, Any]] = {}
+    for key, values in (overrides or {}).items():
+        try:  # a method's name or alias: every label of that method
+            by_method[get_method(key).name] = values
+        except ValueError:
+            if key not in labels:
+                raise
+            by_label[key] = values
+    resolved: dict[str, ResolvedMethod] = {}
+    for c in choices:
+        spec = get_method(c.method)
+        if spec.vit_only:
+            require_vit(adapter, spec.name)
+        params = spec.make_params(**{**by_method.get(spec.name, {}),
+                                     **by_label.get(c.label, {}), **c.params})
+        if c.label in resolved and resolved[c.label] != (spec.name, params):
+            raise ValueError(f"label {c.label!r} names two different configurations; give "
+                             "each variant its own label")
+        resolved[c.label] = ResolvedMethod(spec.name, params)
+    return resolved
+
+
 def resolve_methods(adapter: ModelAdapter, names: Sequence[str],
                     overrides: Mapping[str, Mapping[str, Any]] | None = None
-                    ) -> dict[str, Any]:
-    """Canonical method name → validated parameter dataclass, in the order of ``names``.
+                    ) -> dict[str, ResolvedMethod]:
+    """Label → :class:`ResolvedMethod`, in the order of ``names``.
 
     Args:
         adapter: the model the methods will run on (ViT-only methods need a ViT).
-        names: registry names or aliases; a method named twice runs once.
-        overrides: per-method parameter overrides keyed by name or alias, e.g.
+        names: registry names or aliases, variants ``LABEL=METHOD(NAME=VALUE, ...)`` or
+            presets ``idsds:NAME`` (:mod:`vitxai.methods.variants`); a label named twice
+            runs once.
+        overrides: parameter overrides keyed by method name or alias, or by label, e.g.
             ``{"lime": {"n_samples": 500}}``.
 
     Raises:
-        ValueError: no methods, an unknown method or parameter, a bad value, or a ViT-only
-            method on another model — before any work is done.
+        ValueError: see :func:`resolve_choices`.
     """
-    if not names:
-        raise ValueError("no methods selected")
-    by_name = {get_method(k).name: v for k, v in (overrides or {}).items()}
-    resolved: dict[str, Any] = {}
-    for name in names:
-        spec = get_method(name)
-        if spec.vit_only:
-            require_vit(adapter, spec.name)
-        resolved[spec.name] = spec.make_params(**by_name.get(spec.name, {}))
-    return resolved
+    return resolve_choices(adapter, [parse_choice(n) for n in names], overrides)
+
+
+def recorded_methods(adapter: ModelAdapter, config: Mapping[str, Any]
+                     ) -> dict[str, ResolvedMethod]:
+    """The methods a run's ``config.json`` recorded, with their recorded parameters."""
+    return resolve_choices(adapter, recorded_choices(config))
 
 
 def choose_targets(labels: torch.Tensor, predictions: torch.Tensor, target: Target
@@ -95,8 +143,8 @@ class BatchRun:
         probs: (B, C) softmax of the logits, float32 on the CPU.
         predictions: (B,) predicted classes.
         targets: (B,) explained classes.
-        results: method → its :class:`~vitxai.methods.Attribution`, in run order.
-        masks: method → (B, H, W) unified bool masks; empty when no mask was asked for.
+        results: label → its :class:`~vitxai.methods.Attribution`, in run order.
+        masks: label → (B, H, W) unified bool masks; empty when no mask was asked for.
         started: ``time.perf_counter()`` when the batch arrived (for per-batch timings).
     """
 
@@ -137,10 +185,11 @@ def run_batch(adapter: ModelAdapter, batch: Batch, params: Mapping[str, Any], *,
     if not isinstance(target, int) and len(batch.targets) == len(batch):
         # classes the dataset names per image (a targets file) win over the target rule
         targets = torch.where(batch.targets >= 0, batch.targets, targets)
-    ctx = BatchContext.for_batch(len(batch), seed, batch.indices, planned=names)
+    ctx = BatchContext.for_batch(len(batch), seed, batch.indices,
+                                 planned=[params[n].method for n in names])
     results, masks = {}, {}
     for name in names:
-        r = attribute(name, adapter, x, targets, context=ctx, method_params=params[name],
+        r = attribute(params[name], adapter, x, targets, context=ctx,
                       measure_memory=measure_memory)
         results[name] = r
         if mask is not None:

@@ -27,7 +27,7 @@ PRECISIONS = ("float32", "bf16", "float64")
 #: keys recorded only when set (None / False is the default), so that runs recorded before
 #: they existed keep their fingerprints
 OPTIONAL_KEYS = ("crop_pct", "resize", "interpolation", "mean", "std", "no_crop", "labels",
-                 "targets", "class_names", "masks", "boxes", "img_size", "num_classes")
+                 "targets", "class_names", "masks", "boxes", "img_size", "num_classes", "probe")
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class RunSource:
             interpolated; preprocessing follows); None = the model's own.
         num_classes: build the timm model with this many classes (with pretrained weights
             the head is replaced by a new, seeded random one); None = the model's own.
+        probe: a linear probe file (``vitxai probe``) attached as the classifier.
     """
 
     data: str = "synthetic"
@@ -88,6 +89,7 @@ class RunSource:
     boxes: str | None = None
     img_size: int | None = None
     num_classes: int | None = None
+    probe: str | None = None
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -126,8 +128,10 @@ class RunSource:
         """The model actually loaded: ``model``, or the default for the data."""
         return self.model or ("bundled" if self.data == "synthetic" else DEFAULT_IMAGENET_MODEL)
 
-    def load(self) -> tuple[ModelAdapter, ImageDataset, list[str]]:
-        """(adapter, dataset, notes): the model, the dataset, and notes worth recording.
+    def load(self, features_only: bool = False
+             ) -> tuple[ModelAdapter, ImageDataset, list[str]]:
+        """(adapter, dataset, notes): the model, the dataset, and notes worth recording
+        (``features_only``: a headless backbone is accepted, for ``vitxai probe``).
 
         Raises:
             ValueError: a checkpoint for the bundled model, an unknown precision, a bad
@@ -135,7 +139,7 @@ class RunSource:
             vitxai.models.ModelLoadError: the weights cannot be had.
             FileNotFoundError: the data is not there.
         """
-        adapter, notes = self.load_model()
+        adapter, notes = self.load_model(features_only)
         dataset = self.load_dataset(adapter)
         transform = getattr(dataset, "transform", None)
         if hasattr(transform, "describe"):
@@ -152,8 +156,8 @@ class RunSource:
 
         return Preprocessing.from_values(dataclasses.asdict(self))
 
-    def load_model(self) -> tuple[ModelAdapter, list[str]]:
-        """(adapter, notes) of the model."""
+    def load_model(self, features_only: bool = False) -> tuple[ModelAdapter, list[str]]:
+        """(adapter, notes) of the model (``features_only``: see :meth:`load`)."""
         import torch
 
         from vitxai.models import load_model
@@ -163,6 +167,9 @@ class RunSource:
                              f"{', '.join(map(repr, PRECISIONS))}")
         notes: list[str] = []
         preprocessing = self.preprocessing  # bad values fail before the model loads
+        if self.probe is not None and self.num_classes is not None:
+            raise ValueError("num_classes and probe both set: the probe decides the classes; "
+                             "drop num_classes")
         name = self.model_name
         if name == "bundled":
             from vitxai.models.bundled import load_bundled_model
@@ -174,7 +181,7 @@ class RunSource:
                 if getattr(self, key) is not None:
                     raise ValueError(f"{key} needs a timm model name (the bundled model has "
                                      "its own input size and classes)")
-            adapter = load_bundled_model(device=self.device)
+            adapter = load_bundled_model(device=self.device, probe=self.probe)
             notes.append("embedded default: vitxai's bundled ViT trained on the synthetic "
                          "ground-truth benchmark (not an ImageNet model)")
         else:
@@ -183,7 +190,7 @@ class RunSource:
             adapter = load_model(name, pretrained=not self.random_weights,
                                  checkpoint=self.checkpoint,
                                  checkpoint_key=self.checkpoint_key, device=self.device,
-                                 **sizes)
+                                 probe=self.probe, features_only=features_only, **sizes)
             if self.random_weights and not self.checkpoint:
                 notes.append(f"{name} has RANDOM weights (random_weights)")
             elif self.num_classes is not None and not self.checkpoint:
@@ -194,6 +201,9 @@ class RunSource:
                 gh, gw = getattr(adapter, "grid_size", None) or (None, None)
                 grid = f" ({gh}×{gw} patch grid)" if gh else ""
                 notes.append(f"{name} built at img_size={self.img_size}{grid}")
+        if self.probe is not None and adapter.probe is not None:
+            notes.append(f"classifier: linear probe {self.probe} ({adapter.probe.readout} "
+                         f"read-out, {adapter.probe.num_classes} classes)")
         if self.precision == "float64":
             adapter.to(dtype=torch.float64)
         elif self.precision == "bf16":

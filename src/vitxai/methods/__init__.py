@@ -2,6 +2,7 @@
 
 from vitxai.methods import (  # noqa: F401  (registration)
     attention,
+    cam,
     gradient,
     lrp,
     perturbation,

@@ -29,7 +29,7 @@ from vitxai.params import check_types
 if TYPE_CHECKING:
     from vitxai.models.adapter import ModelAdapter, ViTAdapter
 
-NativeKind = Literal["token", "superpixel", "pixel"]
+NativeKind = Literal["token", "superpixel", "pixel", "feature"]
 #: what a perturbation method reads from the model: the target's softmax probability or logit
 Score = Literal["probability", "logit"]
 SCORES: tuple[str, ...] = ("probability", "logit")
@@ -71,8 +71,9 @@ class Attribution:
         maps: (B, H, W) float32 signed attribution at input resolution.
         native: the map at the method's own resolution: (B, gh, gw) for patch methods,
             (B, S) superpixel coefficients (NaN-padded to the batch's largest S) for superpixel
-            methods, (B, H, W) for pixel methods.
-        native_kind: "token" (the patch-token grid), "superpixel" or "pixel".
+            methods, (B, H, W) for pixel methods, (B, h, w) for CNN feature maps.
+        native_kind: "token" (the patch-token grid), "superpixel", "pixel" or "feature"
+            (a CNN feature map's (B, h, w) grid, the class activation maps).
         targets: (B,) long, the class each map explains.
         cost: passes and seconds spent.
         segments: (B, H, W) int64 superpixel labels in [0, S) when ``native_kind`` is
@@ -217,7 +218,7 @@ class CacheKey(NamedTuple):
     """A key of :attr:`BatchContext.cache`: the kind of shared work and the settings it was
     computed with (a different setting is different work)."""
 
-    kind: Literal["vit_pass", "relevance", "segments"]
+    kind: Literal["vit_pass", "relevance", "segments", "cam_pass"]
     settings: tuple[Any, ...] = ()
 
 
@@ -249,6 +250,13 @@ class BatchContext:
         """A CPU generator for image ``index`` of the batch and a named purpose."""
         g = torch.Generator()
         g.manual_seed(stable_seed(self.seed, self.image_ids[index], purpose))
+        return g
+
+    def run_generator(self, purpose: str) -> torch.Generator:
+        """A CPU generator for a draw shared by the whole run (the same for every image and
+        batch: it depends on the seed and ``purpose`` only)."""
+        g = torch.Generator()
+        g.manual_seed(stable_seed(self.seed, "whole run", purpose))
         return g
 
     def cached(self, key: CacheKey, compute: Callable[[], Any]) -> tuple[Any, bool]:
@@ -405,7 +413,7 @@ def _peak_memory_mb(device: torch.device) -> float | None:
 
 
 def attribute(
-    method: str,
+    method: str | tuple[str, Any],
     adapter: ModelAdapter,
     images: torch.Tensor,
     targets: torch.Tensor | Sequence[int] | int | None = None,
@@ -423,7 +431,9 @@ def attribute(
     name (Integrated Gradients' ``method="riemann_left"``) reaches the method.
 
     Args:
-        method: registry name or alias, e.g. "lime", "integrated_gradients", "chefer2021a".
+        method: registry name or alias, e.g. "lime", "integrated_gradients", "chefer2021a";
+            or a (method, parameter dataclass) pair such as a run's
+            :class:`~vitxai.runner.ResolvedMethod` (then no other parameters).
         adapter: from :func:`vitxai.models.load_model` or :func:`vitxai.models.adapt`.
         images: (B, 3, H, W) float in [0, 1], unnormalised, at the model's input size.
         targets: class per image; None = the model's prediction.
@@ -442,6 +452,10 @@ def attribute(
         ValueError: unknown method or parameter, a ViT-only method on another model, a model
             without classifier head, badly shaped images or targets.
     """
+    if isinstance(method, tuple):
+        if method_params is not None or params:
+            raise ValueError("a resolved method carries its parameters; pass no others")
+        method, method_params = method
     spec = get_method(method)
     check_classifier_head(adapter.model, adapter.name)
     if spec.vit_only:

@@ -247,24 +247,29 @@ def ig_channels(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tens
 class IntegratedGradientsUniformParams:
     """IG-U: Integrated Gradients from a U(−1, 1) baseline in normalised units (IDSDS).
 
-    The baseline is ``make_baseline(..., "uniform_normalized", ...)`` drawn per image from its
-    generator, so this method equals ``integrated_gradients`` with
+    By default the baseline is ``make_baseline(..., "uniform_normalized", ...)`` drawn per
+    image from its generator, so this method equals ``integrated_gradients`` with
     ``baseline="uniform_normalized"``; it is registered separately because IDSDS reports it as
-    a method of its own (the best one on ViT-B/16).
+    a method of its own (the best one on ViT-B/16). IDSDS's code draws one 1×3×H×W baseline
+    for the whole run after seeding: ``draw="run"`` does that (from the run's seed alone).
 
     Attributes:
         steps: number of path points, ≥ 1 (IDSDS: 50 Gauss–Legendre).
         quadrature: the rule, as for :class:`IntegratedGradientsParams`.
         batch_size: path points per model call, ≥ 1; None: 16 on a CPU, 64 on an
             accelerator (:func:`vitxai.batching.default_batch_size`).
+        draw: "image" (a baseline per image, from the seed and the image id) or "run" (one
+            baseline for every image, from the seed; IDSDS's choice).
     """
 
     steps: int = 50
     quadrature: str = "gausslegendre"
     batch_size: int | None = None
+    draw: Literal["image", "run"] = "image"
 
     def __post_init__(self) -> None:
         _check_ig(self.steps, self.quadrature, self.batch_size)
+        check_choice("draw", self.draw, ("image", "run"))
 
 
 @register_method(
@@ -280,7 +285,12 @@ class IntegratedGradientsUniformParams:
 def integrated_gradients_uniform(adapter: ModelAdapter, images: torch.Tensor,
                                  targets: torch.Tensor, p: IntegratedGradientsUniformParams,
                                  context: BatchContext) -> Attribution:
-    base = make_baseline(adapter, images, "uniform_normalized", context, IG_BASELINE)
+    if p.draw == "run":
+        u = 2 * torch.rand(images.shape[1:], generator=context.run_generator(IG_BASELINE),
+                           dtype=torch.float64) - 1
+        base = (adapter.mean + adapter.std * u.to(images)).expand_as(images)
+    else:
+        base = make_baseline(adapter, images, "uniform_normalized", context, IG_BASELINE)
     channels = ig_channels(adapter, images, targets, base, p.steps, p.quadrature,
                            p.batch_size)
     return pixel_attribution("integrated_gradients_uniform", channels, targets,

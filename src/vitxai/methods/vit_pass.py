@@ -80,7 +80,7 @@ def readout_row(adapter: ViTAdapter, n_tokens: int, batch: int, dtype: torch.dty
     """The (B, N) read-out vector: e₀ (CLS), or ½(e₀ + e₁) for distilled DeiT, whose eval head
     averages the CLS and distillation heads (docs/methods.md §8), or a linear probe's token
     weights averaged over its parts (1/P on every patch for ``mean_patch``; docs/methods.md
-    §10)."""
+    §13)."""
     if adapter.probe is not None:
         return adapter.probe.readout_row(n_tokens, batch, dtype, device)
     if adapter.global_pool not in ("token", "") and not adapter.distilled:

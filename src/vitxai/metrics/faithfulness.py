@@ -48,14 +48,19 @@ from vitxai.models.adapter import ModelAdapter
 
 # metrics' names before the one vocabulary (docs/conventions.md)
 _RENAMED_BASELINES = {"zero": "mean", "uniform": "uniform_normalized"}
+#: IDSDS's deletion baselines (Hesse et al. 2024) → vitxai's names (docs/evaluation.md §2)
+IDSDS_BASELINES = {"zeros": "mean", "uniform": "uniform_normalized", "blur": "blur"}
 Transform = Literal["raw", "abs", "relu"]
 Targets = torch.Tensor | Sequence[int] | int | None
 
 __all__ = [
     "auc",
     "average_ranks",
+    "IDSDS_BASELINES",
     "baseline_images",
+    "check_grid",
     "grid_cell_sums",
+    "idsds_baseline",
     "incremental_deletion",
     "one_channel",
     "pearson",
@@ -208,6 +213,33 @@ def baseline_images(adapter: ModelAdapter, images: torch.Tensor, baseline: Basel
         baseline = new
     context = BatchContext.for_batch(images.shape[0], seed, image_ids)
     return make_baseline(adapter, images, baseline, context, "uniform")
+
+
+def idsds_baseline(name: str) -> Baseline:
+    """vitxai's name of an IDSDS deletion baseline: "zeros" → "mean", "uniform" →
+    "uniform_normalized", "blur" → "blur"; vitxai's own three names pass unchanged.
+
+    Raises:
+        ValueError: any other baseline (IDSDS deletes cells with these three only).
+    """
+    if name in IDSDS_BASELINES.values():
+        return name
+    if name not in IDSDS_BASELINES:
+        raise ValueError(f"IDSDS deletes cells with baseline zeros, uniform or blur, not "
+                         f"{name!r}")
+    return IDSDS_BASELINES[name]
+
+
+def check_grid(grid: int, size: Sequence[int]) -> tuple[int, int]:
+    """The (ch, cw) cell of a ``grid`` × ``grid`` lattice on an image of ``size`` (H, W).
+
+    Raises:
+        ValueError: ``grid`` below 1, or cells that do not tile the image exactly.
+    """
+    h, w = int(size[0]), int(size[1])
+    if grid < 1 or h % grid or w % grid:
+        raise ValueError(f"a {grid}×{grid} grid does not tile {h}×{w} images")
+    return h // grid, w // grid
 
 
 def grid_cell_sums(maps: torch.Tensor, cell: tuple[int, int]) -> torch.Tensor:
@@ -435,10 +467,8 @@ def single_deletion(
         example a constant map: ρ is undefined and IDSDS drops these images (use ``nanmean``).
     """
     images, m, t = _check_inputs(adapter, images, maps, targets, transform)
-    b, _, h, w = images.shape
-    if grid < 1 or h % grid or w % grid:
-        raise ValueError(f"a {grid}×{grid} grid does not tile {h}×{w} images")
-    cell = (h // grid, w // grid)
+    b = images.shape[0]
+    cell = check_grid(grid, images.shape[2:])
     n = grid * grid
     a = grid_cell_sums(m, cell)
     base = baseline_images(adapter, images, baseline, seed=seed, image_ids=image_ids)

@@ -288,7 +288,8 @@ def gae(
           (TL, TR, BL, BR);
         * "masked_fraction_morf", "masked_fraction_lerf": (P, T) float64 share of the 3·H·W
           elements masked at each step (see :func:`masked_counts`);
-        * "impact_map": (P, H, W) float64 CIM in {−1, 0, 1}.
+        * "impact_map": (P, H, W) float64 CIM in {−1, 0, 1};
+        * "relevance": (P, H, W) the positives' relevance, scaled to peak 1 (as scored).
     """
     images = torch.as_tensor(images)
     if images.ndim != 4 or images.shape[1] != 3:
@@ -369,4 +370,5 @@ def gae(
         "masked_fraction_morf": fractions[0],
         "masked_fraction_lerf": fractions[1],
         "impact_map": impact,
+        "relevance": r_p.view(p, h, w).cpu(),
     }

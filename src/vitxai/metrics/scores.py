@@ -85,6 +85,12 @@ EVALUATION_SCORES = _table(
     Score("deletion_auc", "deletion AUC", "lower", UNIT),
     Score("insertion_auc", "insertion AUC", "higher", UNIT),
     Score("single_deletion", "single deletion ρ", "higher", SIGNED_UNIT),
+    # single deletion on a model fine-tuned with cell deletions, maps recomputed on it
+    Score("idsds", "IDSDS ρ", "higher", SIGNED_UNIT),
+    Score("incremental_deletion_ascending", "incremental deletion, least relevant first",
+          "higher", UNIT),
+    Score("incremental_deletion_descending", "incremental deletion, most relevant first",
+          "lower", UNIT),
     Score("pointing_game", "pointing game", "higher", UNIT),
     Score("relevance_mass", "relevance mass", "higher", UNIT),
     Score("rank_accuracy", "relevance rank accuracy", "higher", UNIT),

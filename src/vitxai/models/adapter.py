@@ -52,8 +52,8 @@ def check_classifier_head(model: nn.Module, name: str) -> None:
     if getattr(model, "num_classes", None) == 0:
         raise ValueError(
             f"model {name!r} has no classifier head (num_classes=0): its outputs are features, "
-            "not classes; train a linear probe with `vitxai probe` and pass it with --probe "
-            "(probe= in Python), or load weights with a head"
+            "not classes; train a linear probe with `vitxai probe` and attach it with "
+            "probe=FILE, or load weights with a head"
         )
 
 
@@ -81,6 +81,8 @@ class ModelAdapter:
         mean, std: the model's own normalisation (from its timm data config).
         input_size: (H, W) the model expects.
         name: for messages and run records.
+        features_only: accept a headless backbone, for feature extraction (``vitxai probe``);
+            explaining its "classes" would explain embedding dimensions.
 
     Attributes:
         precision: "fp32" (default) or "bf16", the arithmetic of the model's forward passes
@@ -93,8 +95,10 @@ class ModelAdapter:
     is_vit = False
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 input_size: tuple[int, int], name: str = "model") -> None:
-        check_classifier_head(model, name)
+                 input_size: tuple[int, int], name: str = "model",
+                 features_only: bool = False) -> None:
+        if not features_only:
+            check_classifier_head(model, name)
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -280,8 +284,9 @@ class ViTAdapter(ModelAdapter):
     is_vit = True
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 input_size: tuple[int, int], name: str = "vit") -> None:
-        super().__init__(model, mean, std, input_size, name)
+                 input_size: tuple[int, int], name: str = "vit",
+                 features_only: bool = False) -> None:
+        super().__init__(model, mean, std, input_size, name, features_only)
         blocks = getattr(model, "blocks", None)
         if blocks is None or not all(hasattr(b, "attn") for b in blocks):
             raise ValueError(f"{name!r} has no timm transformer blocks with .attn")

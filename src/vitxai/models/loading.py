@@ -271,13 +271,14 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     return cfg
 
 
-def adapt(model: nn.Module, name: str = "model", config: dict[str, Any] | None = None
-          ) -> ModelAdapter:
-    """Wrap a built model: a :class:`ViTAdapter` for timm ViTs, else a :class:`ModelAdapter`."""
+def adapt(model: nn.Module, name: str = "model", config: dict[str, Any] | None = None,
+          features_only: bool = False) -> ModelAdapter:
+    """Wrap a built model: a :class:`ViTAdapter` for timm ViTs, else a :class:`ModelAdapter`
+    (``features_only``: a headless backbone is accepted, see :class:`ModelAdapter`)."""
     cfg = config or data_config(model)
     size = tuple(cfg["input_size"][1:])
     cls = ViTAdapter if is_timm_vit(model) else ModelAdapter
-    adapter = cls(model, cfg["mean"], cfg["std"], size, name)
+    adapter = cls(model, cfg["mean"], cfg["std"], size, name, features_only)
     adapter.data_config = cfg
     return adapter
 
@@ -292,6 +293,7 @@ def load_model(
     seed: int = 0,
     precision: str = "fp32",
     probe: str | Path | LinearProbe | None = None,
+    features_only: bool = False,
     **model_kwargs: Any,
 ) -> ModelAdapter:
     """Build timm model ``name`` and wrap it in an adapter.
@@ -317,6 +319,7 @@ def load_model(
             :class:`~vitxai.models.probe.LinearProbe`) attached as the classifier of a
             headless backbone (DINOv2, MAE, CLIP); it replaces a model's own head, with a
             warning.
+        features_only: accept a headless backbone (for ``vitxai probe``'s features).
         **model_kwargs: passed to ``timm.create_model``: ``img_size`` (an int or (h, w); a
             ViT's position embeddings are interpolated to the new grid, e.g. DINOv2 ViT-B/14
             at 224 → 16×16, and the data config follows), ``num_classes`` (with pretrained
@@ -337,7 +340,8 @@ def load_model(
 
         return load_hf_model(name, pretrained=pretrained, checkpoint=checkpoint,
                              checkpoint_key=checkpoint_key, device=device, seed=seed,
-                             precision=precision, probe=probe, **model_kwargs)
+                             precision=precision, probe=probe,
+                             features_only=features_only, **model_kwargs)
     if not timm.is_model(name.split(".")[0]):
         raise ModelLoadError(
             f"unknown timm model {name!r}; see timm.list_models('*vit*') for names"
@@ -369,14 +373,14 @@ def load_model(
     config = _model_config(model, name, model_kwargs)
     if probe is not None:
         with_probe(model, probe, name)
-    return adapt(model.to(device), name, config).set_precision(precision)
+    return adapt(model.to(device), name, config, features_only).set_precision(precision)
 
 
 def with_probe(model: nn.Module, probe: str | Path | LinearProbe, name: str) -> nn.Module:
     """Attach ``probe`` (a file or a :class:`LinearProbe`) as ``model``'s classifier, warning
     when it replaces a head or was trained on another backbone (returns ``model``)."""
-    probe, _ = probe_from(probe, name)  # warns itself about another backbone
-    for note in attach_probe(model, probe, name):
+    probe, notes = probe_from(probe, name)
+    for note in attach_probe(model, probe, name) + notes:
         warnings.warn(note, stacklevel=3)
     return model
 

@@ -3,7 +3,7 @@
 Self-supervised backbones (DINOv2, MAE, CLIP's image tower) have no classifier; a class-specific
 map needs one. A :class:`LinearProbe` is ``y = Σ_k W_k · f_k(tokens) + b`` over the tokens the
 backbone's ``forward_features`` returns (after its final norm), with one of three read-outs
-(docs/methods.md §10):
+(docs/methods.md §13):
 
 - ``cls``: f = the class token (CLIP's and MAE's usual probe);
 - ``mean_patch``: f = the mean of the patch tokens (registers and class token excluded);
@@ -24,7 +24,6 @@ with its card in the metadata.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -236,15 +235,14 @@ def load_probe(path: str | Path) -> tuple[LinearProbe, dict[str, Any]]:
 
 
 def probe_from(spec: str | Path | LinearProbe, backbone: str) -> tuple[LinearProbe, list[str]]:
-    """A probe from a file or an object, with a note when its card names another backbone."""
+    """(probe, notes) from a file or an object; a note when its card names another backbone
+    (worth saying only once the probe fits, see :func:`attach_probe`)."""
     if isinstance(spec, LinearProbe):
         return spec, []
     probe, card = load_probe(spec)
     notes = []
     trained_on = card.get("backbone")
     if trained_on and trained_on != backbone:
-        message = (f"probe {spec} was trained on {trained_on!r}, not {backbone!r}; its token "
-                   "width fits, but check the model")
-        warnings.warn(message, stacklevel=2)
-        notes.append(message)
+        notes.append(f"probe {spec} was trained on {trained_on!r}, not {backbone!r}; its "
+                     "token width fits, but check the model")
     return probe, notes

@@ -267,3 +267,30 @@ def curves_figure(curves: Mapping[str, np.ndarray], path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(exist_ok=True)
     return save_figure(fig, path, dpi=120)
+
+
+def gae_extremes_figure(images: np.ndarray, maps: Mapping[str, np.ndarray],
+                        scores: Mapping[str, np.ndarray], path: Path, k: int = 2) -> Path:
+    """The ``k`` best and ``k`` worst explained positives of GAE per method (one row each),
+    each image with its map overlaid and its GAE score, as the reference's plot.
+
+    Args:
+        images: (P, H, W, 3) the GAE positives in [0, 1].
+        maps: method → (P, H, W) relevance of each positive.
+        scores: method → (P,) GAE per positive.
+    """
+    names = list(maps)
+    k = max(1, min(k, images.shape[0] // 2 or 1))
+    fig, axes = plt.subplots(len(names), 2 * k, figsize=(2.1 * 2 * k, 2.3 * len(names)),
+                             squeeze=False, layout="constrained")
+    for row, name in enumerate(names):
+        order = np.argsort(-np.nan_to_num(scores[name], nan=-np.inf), kind="stable")
+        chosen = [*order[:k], *order[::-1][:k]]
+        for col, i in enumerate(chosen):
+            ax = axes[row, col]
+            ax.imshow(overlay(images[i], maps[name][i]))
+            kind = "best" if col < k else "worst"
+            ax.set_title(f"{name}: {kind}\nGAE {scores[name][i]:.3f}", fontsize=8)
+            ax.set_axis_off()
+    return save_figure(fig, path, dpi=100)
+
