@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import vitxai.compare as compare_module
 from vitxai.cli import main
-from vitxai.engines import EngineSettings, RayEngine
+from vitxai.engines import EngineSettings, RayPool
 
 ray = pytest.importorskip("ray", reason="the ray extra is part of the test extras")
 
@@ -86,16 +86,16 @@ def test_shipped_images_give_the_same_results(local_ray, local_run, tmp_path):
 
 
 def test_a_killed_worker_has_its_batch_retried(local_ray, local_run, tmp_path, monkeypatch):
-    submit, killed = RayEngine._submit, []
+    submit, killed = RayPool._submit, []
 
-    def submit_then_kill(self, worker, indices, sample_index):
-        future = submit(self, worker, indices, sample_index)
+    def submit_then_kill(self, worker, job, item):
+        future = submit(self, worker, job, item)
         if not killed:  # the first batch's worker dies while it computes
-            killed.append(indices)
+            killed.append(item[0])
             ray.kill(worker)
         return future
 
-    monkeypatch.setattr(RayEngine, "_submit", submit_then_kill)
+    monkeypatch.setattr(RayPool, "_submit", submit_then_kill)
     out = tmp_path / "run"
     assert main([*RUN, "--engine", "ray", "--workers", "2", "--out", str(out)]) == 0
     assert killed == [[0, 1]]
@@ -114,13 +114,13 @@ def test_a_killed_driver_resumes_without_recomputing(local_ray, local_run, tmp_p
     out = tmp_path / "run"
     assert main([*RUN, "--engine", "ray", "--workers", "2", "--out", str(out)]) == 130
     monkeypatch.setattr(compare_module, "commit_batch", commit)
-    submit = RayEngine._submit
+    submit = RayPool._submit
 
-    def counting(self, worker, indices, sample_index):
-        computed.append(indices)
-        return submit(self, worker, indices, sample_index)
+    def counting(self, worker, job, item):
+        computed.append(item[0])
+        return submit(self, worker, job, item)
 
-    monkeypatch.setattr(RayEngine, "_submit", counting)
+    monkeypatch.setattr(RayPool, "_submit", counting)
     assert main([*RUN, "--engine", "ray", "--workers", "2", "--out", str(out)]) == 0
     assert sorted(computed) == [[2, 3], [4]]  # the committed batch [0, 1] is not redone
     assert_same_results(local_run, out)
@@ -138,3 +138,26 @@ def test_engine_settings_are_checked():
         EngineSettings("spark")
     with pytest.raises(ValueError, match="gpus_per_worker=-1"):
         EngineSettings("ray", gpus_per_worker=-1)
+
+
+def test_idsds_on_ray_equals_local(local_ray, tmp_path, monkeypatch):
+    """evaluate --idsds recomputes every map on the fine-tuned model: on Ray workers (which
+    rebuild the model from the run's source and the checkpoint) the ρ are the same."""
+    monkeypatch.setenv("VITXAI_PROGRESS", "0")
+    run, tuned = tmp_path / "run", tmp_path / "ft"
+    assert main(["compare", "--n-images", "3", "--methods", "rollout", "IG", "--param",
+                 "integrated_gradients.steps=2", "--save_attr_maps", "--no-progress",
+                 "--out", str(run)]) == 0
+    assert main(["finetune-deletion", "--n-images", "8", "--val-size", "4", "--epochs", "1",
+                 "--batch-size", "4", "--out", str(tuned), "--no-progress"]) == 0
+    common = ["evaluate", str(run), "--idsds", "--checkpoint", str(tuned), "--steps", "3",
+              "--no-progress"]
+
+    def idsds_rows() -> list:
+        rows = list(csv.DictReader((run / "per_image_evaluation.csv").open()))
+        return [(r["index"], r["method"], r["idsds"]) for r in rows]
+
+    assert main(common) == 0
+    local = idsds_rows()
+    assert main([*common, "--engine", "ray", "--workers", "2"]) == 0
+    assert idsds_rows() == local and len(local) == 6

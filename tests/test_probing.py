@@ -22,6 +22,7 @@ from vitxai.probing import (
     heldout_split,
 )
 
+
 def blobs(n_per: int = 30, classes: int = 3, dim: int = 6, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     centres = 3 * torch.randn(classes, dim, generator=g, dtype=torch.float64)

@@ -312,7 +312,9 @@ def _run_evaluate(out: Path, adapter, dataset, args: argparse.Namespace) -> None
     from vitxai.evaluate import evaluate
     from vitxai.report.html import write_report
 
-    evaluate(out, adapter, dataset, _evaluate_settings(args), progress=not args.no_progress)
+    engine = _engine(args) if getattr(args, "command", "") == "evaluate" else None
+    evaluate(out, adapter, dataset, _evaluate_settings(args), progress=not args.no_progress,
+             engine=engine)
     for path in write_report(out):
         print(path)
 
@@ -436,6 +438,21 @@ LABELS_HELP = ("Labels: an image in a top-level subfolder named after an ImageNe
                "them. CSV rows are 'file,class': the image's file name or path relative to "
                "the folder, and a class index or name (names from --class-names, else "
                "ImageNet-1k's).")
+
+
+def _add_engine_options(p: argparse.ArgumentParser, text: str) -> None:
+    r = p.add_argument_group("scale-out", text)
+    r.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local (this process, default) or ray (needs the ray extra)")
+    r.add_argument("--address", help="Ray cluster: 'auto' or ray://HOST:PORT (default: start "
+                                     "a local Ray instance)")
+    r.add_argument("--workers", type=int, default=1, help="Ray workers (model replicas)")
+    r.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs per worker (0: CPU workers)")
+    r.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores per worker")
+    r.add_argument("--ship-images", action="store_true",
+                   help="decode images on the driver and send them to the workers (data "
+                        "not on a path every node sees)")
 
 
 def _add_probe_option(p: argparse.ArgumentParser) -> None:
@@ -611,25 +628,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not fetch pretrained weights (for smoke tests)")
     _add_model_size_options(c)
     _add_probe_option(c)
-    r = c.add_argument_group(
-        "scale-out", "Compute batches on Ray workers; the driver commits them into the run "
-        "directory, so resume, the lock and the results are those of a local run.")
-    r.add_argument("--engine", choices=["local", "ray"], default="local",
-                   help="local (this process, default) or ray (needs the ray extra)")
-    r.add_argument("--address", help="Ray cluster: 'auto' or ray://HOST:PORT (default: start "
-                                     "a local Ray instance)")
-    r.add_argument("--workers", type=int, default=1, help="Ray workers (model replicas)")
-    r.add_argument("--gpus-per-worker", type=float, default=0.0,
-                   help="GPUs per worker (0: CPU workers)")
-    r.add_argument("--cpus-per-worker", type=int, default=1, help="CPU cores per worker")
-    r.add_argument("--ship-images", action="store_true",
-                   help="decode images on the driver and send them to the workers (data "
-                        "not on a path every node sees)")
+    _add_engine_options(c, "Compute batches on Ray workers; the driver commits them into "
+                        "the run directory, so resume, the lock and the results are those "
+                        "of a local run.")
     c.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    c.add_argument("--precision", default="float32", choices=["float32", "bf16", "float64"],
+    c.add_argument("--precision", default="float32",
+                   choices=["float32", "bf16", "float64", "auto"],
                    help="float32 (default); bf16: forward passes in bfloat16 autocast, 2-3x "
                         "faster on GPUs and CPUs with AMX/AVX512-BF16 (several times slower on "
-                        "other CPUs), results in float32; float64: exact arithmetic for tests")
+                        "other CPUs), results in float32; auto: bf16 where it is native, else "
+                        "float32 (recorded resolved); float64: exact arithmetic for tests")
     c.add_argument("--target", default="label", choices=["label", "prediction"],
                    help="explain the label where known (default) or the prediction")
     c.add_argument("--sample_size", "--sample-size", "--subset_size", dest="sample_size",
@@ -667,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument("--seed", type=int, default=0)
     _add_evaluate_options(ev)
+    _add_engine_options(ev, "Compute IDSDS (every map recomputed on the fine-tuned model) on "
+                            "Ray workers; the other groups run here.")
     ev.add_argument("--idsds", action="store_true",
                     help="also IDSDS (Hesse et al. 2024): every method recomputed on the "
                          "fine-tuned --checkpoint for the ground-truth labels, then single "

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -77,51 +77,39 @@ def require_ray() -> Any:
     return ray
 
 
-class _Worker:
-    """One model replica: rebuilt from the run's source, computing whole batches."""
+class _Actor:
+    """One Ray actor: builds its state once (a model replica and its data), then runs jobs."""
 
-    def __init__(self, source: Mapping[str, Any], settings: CompareSettings,
-                 threads: int, gpu: bool) -> None:
+    def __init__(self, setup: Callable[..., Any], args: tuple[Any, ...], threads: int,
+                 gpu: bool) -> None:
         import torch
 
-        from vitxai.runner import resolve_methods
-        from vitxai.source import RunSource
-
         torch.set_num_threads(threads)
-        src = RunSource.from_values({**source, "device": "cuda" if gpu else source["device"]})
-        self.adapter, self.dataset, _ = src.load()
-        self.settings = settings
-        self.params = resolve_methods(self.adapter, settings.methods, settings.method_params)
+        self.state = setup(*args, gpu=gpu)
 
     def describe(self) -> dict[str, Any]:
+        adapter = getattr(self.state, "adapter", None)
         return {"host": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.adapter.device)}
+                "device": str(getattr(adapter, "device", "cpu"))}
 
-    def compute(self, indices: Sequence[int], sample_index: int | None,
-                batch: Any = None) -> BatchPayload:
-        """The payload of the batch of ``indices`` (decoded here unless ``batch`` came
-        with them)."""
-        from vitxai.compare import compute_batch
-        from vitxai.data.datasets import iter_batches
-        from vitxai.runner import run_batch
-
-        s = self.settings
-        if batch is None:
-            batch = next(iter_batches(self.dataset, indices, len(indices), workers=0))
-        run = (run_batch(self.adapter, batch, self.params, seed=s.seed, target=s.target,
-                         mask=s.mask, predict_batch_size=s.batch_size,
-                         measure_memory=s.measure_memory) if len(batch) else None)
-        return compute_batch(batch, run, s, sample_index)
+    def run(self, job: Callable[[Any, Any], Any], item: Any) -> Any:
+        return job(self.state, item)
 
 
-class RayEngine:
-    """A pool of :class:`_Worker` actors and the ordered stream of their payloads."""
+class RayPool:
+    """Ray actors holding one state each, and :meth:`map`, an ordered stream of job results
+    in which an item whose actor died runs again on a fresh actor.
 
-    def __init__(self, settings: EngineSettings, source: Mapping[str, Any],
-                 compare_settings: CompareSettings, dataset: Any) -> None:
+    Args:
+        settings: the engine settings (workers, resources, address).
+        setup: ``setup(*args, gpu=bool) -> state``, run once in every actor (a module-level
+            function: actors import it by name).
+    """
+
+    def __init__(self, settings: EngineSettings, setup: Callable[..., Any],
+                 args: tuple[Any, ...]) -> None:
         ray = require_ray()
-        self.ray, self.settings, self.dataset = ray, settings, dataset
-        self.batch_size = compare_settings.batch_size
+        self.ray, self.settings = ray, settings
         if not ray.is_initialized():
             kwargs: dict[str, Any] = {"address": settings.address, "include_dashboard": False,
                                       "log_to_driver": False, "configure_logging": False}
@@ -132,11 +120,10 @@ class RayEngine:
             self._owns_ray = True
         else:
             self._owns_ray = False
-        self._actor = ray.remote(_Worker).options(
+        self._actor = ray.remote(_Actor).options(
             num_cpus=settings.cpus_per_worker, num_gpus=settings.gpus_per_worker,
             max_restarts=0)
-        self._args = (dict(source), compare_settings, settings.cpus_per_worker,
-                      settings.gpus_per_worker > 0)
+        self._args = (setup, args, settings.cpus_per_worker, settings.gpus_per_worker > 0)
         self.workers = [self._actor.remote(*self._args) for _ in range(settings.workers)]
         self.devices = ray.get([w.describe.remote() for w in self.workers])
         self.replaced = 0
@@ -145,25 +132,19 @@ class RayEngine:
         """What ``config.json`` records about the engine (not part of the fingerprint)."""
         return {**asdict(self.settings), "devices": self.devices}
 
-    def payloads(self, todo: Sequence[int], sample_index: int | None
-                 ) -> Iterator[BatchPayload]:
-        """Every batch of ``todo`` (chunks of the run's batch size, as locally), computed on
-        the workers and yielded in batch order; a batch whose worker died is computed again
-        on a fresh worker."""
+    def map(self, job: Callable[[Any, Any], Any], items: Sequence[Any]) -> Iterator[Any]:
+        """``job(state, item)`` for every item on the actors, yielded in item order."""
         ray = self.ray
-        chunks = [list(todo[k:k + self.batch_size])
-                  for k in range(0, len(todo), self.batch_size)]
-        attempts = [0] * len(chunks)
-        pending: dict[Any, tuple[int, Any]] = {}  # future → (chunk, worker)
-        idle = list(self.workers)
-        done: dict[int, BatchPayload] = {}
-        queue = list(range(len(chunks)))
+        attempts = [0] * len(items)
+        pending: dict[Any, tuple[int, Any]] = {}  # future → (item, actor)
+        idle, queue = list(self.workers), list(range(len(items)))
+        done: dict[int, Any] = {}
         following = 0
-        while following < len(chunks):
+        while following < len(items):
             while idle and queue:
                 k, worker = queue.pop(0), idle.pop(0)
                 attempts[k] += 1
-                pending[self._submit(worker, chunks[k], sample_index)] = (k, worker)
+                pending[self._submit(worker, job, items[k])] = (k, worker)
             (ready,), _ = ray.wait(list(pending), num_returns=1)
             k, worker = pending.pop(ready)
             try:
@@ -171,38 +152,94 @@ class RayEngine:
                 idle.append(worker)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
                 if attempts[k] >= self.settings.max_attempts:
-                    raise RuntimeError(f"batch of images {chunks[k][:3]}… failed on "
-                                       f"{attempts[k]} workers; last: {type(e).__name__}"
-                                       ) from e
-                self._replace(worker)
-                idle.append(self.workers[-1])
+                    raise RuntimeError(f"item {k} failed on {attempts[k]} Ray workers; last: "
+                                       f"{type(e).__name__}") from e
+                idle.append(self._replace(worker))
                 queue.insert(0, k)
             while following in done:
                 yield done.pop(following)
                 following += 1
 
-    def _submit(self, worker: Any, indices: list[int], sample_index: int | None) -> Any:
-        """Start one batch on ``worker``; returns its future."""
-        shipped = self._decode(indices) if self.settings.ship_images else None
-        return worker.compute.remote(indices, sample_index, shipped)
+    def _submit(self, worker: Any, job: Callable[[Any, Any], Any], item: Any) -> Any:
+        """Start one job on ``worker``; returns its future."""
+        return worker.run.remote(job, item)
 
-    def _decode(self, indices: Sequence[int]) -> Any:
-        from vitxai.data.datasets import iter_batches
-
-        return self.ray.put(next(iter_batches(self.dataset, indices, len(indices),
-                                              workers=0)))
-
-    def _replace(self, dead: Any) -> None:
-        self.workers = [w for w in self.workers if w is not dead]
+    def _replace(self, dead: Any) -> Any:
         fresh = self._actor.remote(*self._args)
-        self.workers.append(fresh)
+        self.workers = [w for w in self.workers if w is not dead] + [fresh]
         self.replaced += 1
+        return fresh
 
     def close(self) -> None:
         for w in self.workers:
             self.ray.kill(w)
         if self._owns_ray:
             self.ray.shutdown()
+
+
+# --- compare on Ray -------------------------------------------------------------------------
+
+@dataclass
+class _CompareState:
+    adapter: Any
+    dataset: Any
+    settings: Any
+    params: Any
+
+
+def _compare_setup(source: Mapping[str, Any], settings: CompareSettings, *, gpu: bool
+                   ) -> _CompareState:
+    """A worker's model and data, rebuilt from the run's recorded source."""
+    from vitxai.runner import resolve_methods
+    from vitxai.source import RunSource
+
+    src = RunSource.from_values({**source, "device": "cuda" if gpu else source["device"]})
+    adapter, dataset, _ = src.load()
+    return _CompareState(adapter, dataset, settings,
+                         resolve_methods(adapter, settings.methods, settings.method_params))
+
+
+def _compare_job(state: _CompareState, item: tuple[list[int], int | None, Any]
+                 ) -> BatchPayload:
+    """The payload of one batch (decoded here unless the driver shipped it)."""
+    from vitxai.compare import compute_batch
+    from vitxai.data.datasets import iter_batches
+    from vitxai.runner import run_batch
+
+    indices, sample_index, batch = item
+    s = state.settings
+    if batch is None:
+        batch = next(iter_batches(state.dataset, indices, len(indices), workers=0))
+    run = (run_batch(state.adapter, batch, state.params, seed=s.seed, target=s.target,
+                     mask=s.mask, predict_batch_size=s.batch_size,
+                     measure_memory=s.measure_memory) if len(batch) else None)
+    return compute_batch(batch, run, s, sample_index)
+
+
+class RayEngine(RayPool):
+    """Compare's batches on Ray: each actor a model replica computing whole batches."""
+
+    def __init__(self, settings: EngineSettings, source: Mapping[str, Any],
+                 compare_settings: CompareSettings, dataset: Any) -> None:
+        super().__init__(settings, _compare_setup, (dict(source), compare_settings))
+        self.dataset, self.batch_size = dataset, compare_settings.batch_size
+
+    def payloads(self, todo: Sequence[int], sample_index: int | None
+                 ) -> Iterator[BatchPayload]:
+        """Every batch of ``todo`` (chunks of the run's batch size, as locally), computed on
+        the workers and yielded in batch order."""
+        chunks = [list(todo[k:k + self.batch_size])
+                  for k in range(0, len(todo), self.batch_size)]
+        return self.map(_compare_job, [(c, sample_index, None) for c in chunks])
+
+    def _submit(self, worker: Any, job: Callable[[Any, Any], Any], item: Any) -> Any:
+        if self.settings.ship_images:  # decoded here, when the batch starts
+            from vitxai.data.datasets import iter_batches
+
+            indices, sample_index, _ = item
+            batch = next(iter_batches(self.dataset, indices, len(indices), workers=0))
+            item = (indices, sample_index, batch)  # large arguments travel by object store
+        return super()._submit(worker, job, item)
 
 
 #: the engines that compute batches elsewhere (today: Ray)

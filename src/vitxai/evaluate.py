@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vitxai.data.datasets import ImageDataset
+from vitxai.engines import EngineSettings
 from vitxai.metrics.faithfulness import check_grid
 from vitxai.metrics.scores import EVALUATION_PAIR_SCORES, EVALUATION_SCORES
 from vitxai.models.adapter import ModelAdapter
@@ -221,22 +222,24 @@ def _summary_tables(rows: list[dict[str, Any]], names: Sequence[str]) -> dict[st
 
 
 def evaluate(run_dir: str | Path, adapter: ModelAdapter, dataset: ImageDataset,
-             settings: EvaluateSettings | None = None, *, progress: bool = True
-             ) -> dict[str, Any]:
+             settings: EvaluateSettings | None = None, *, progress: bool = True,
+             engine: EngineSettings | None = None) -> dict[str, Any]:
     """Evaluate a run's saved maps and write ``evaluation.json`` and
     ``per_image_evaluation.csv`` into the run directory (see the module docstring).
 
     Only a finished run is evaluated, under the run directory's lock. Every committed map
     file must be readable unless ``settings.allow_missing``; the results record the run's
     fingerprint and image count, so a report never mixes them with another run.
+    ``engine=EngineSettings("ray", ...)`` computes IDSDS, the costliest group (every map
+    recomputed on the fine-tuned model), on Ray workers.
     """
     with RunLock(run_dir):
         return _evaluate(Path(run_dir), adapter, dataset, settings or EvaluateSettings(),
-                         progress)
+                         progress, engine)
 
 
 def _evaluate(root: Path, adapter: ModelAdapter, dataset: ImageDataset, s: EvaluateSettings,
-              progress: bool) -> dict[str, Any]:
+              progress: bool, engine: EngineSettings | None = None) -> dict[str, Any]:
     from vitxai.metrics.rank_agreement import agreement_table
 
     config, manifest = finished_run(root)
@@ -292,7 +295,7 @@ def _evaluate(root: Path, adapter: ModelAdapter, dataset: ImageDataset, s: Evalu
     extra = _recomputing_groups(root, adapter, dataset, indices, targets_all, names, config, s)
     if idsds is not None:
         extra["per_image"].update(_idsds_scores(idsds[0], dataset, indices, idsds[2], names,
-                                                config, s, progress))
+                                                config, s, progress, engine))
     for r in rows:
         for key, per_index in extra.get("per_image", {}).items():
             method, score = key
@@ -500,36 +503,89 @@ def _idsds_setup(root: Path, adapter: ModelAdapter, indices: list[int], s: Evalu
     return tuned, card, labels
 
 
-def _idsds_scores(tuned: ModelAdapter, dataset: ImageDataset, indices: list[int],
-                  labels: dict[int, int], names: Sequence[str], config: dict[str, Any],
-                  s: EvaluateSettings, progress: bool) -> dict[tuple[str, str], dict[int, float]]:
-    """IDSDS per (method, "idsds") and image: every method recomputed on the fine-tuned model
-    with the run's parameters and seed, for the ground-truth label, then single deletion on
-    that model (Hesse et al. 2024)."""
+@dataclass
+class _IdsdsState:
+    """What an IDSDS chunk needs: the fine-tuned model, the data, the run's methods."""
+
+    tuned: ModelAdapter
+    dataset: ImageDataset
+    params: dict[str, Any]
+    labels: dict[int, int]
+    seed: int
+    settings: EvaluateSettings
+
+
+def _idsds_worker(config: dict[str, Any], labels: dict[int, int], s: EvaluateSettings, *,
+                  gpu: bool) -> _IdsdsState:
+    """A Ray worker's IDSDS state, rebuilt from the run's recorded source and the checkpoint."""
+    from vitxai.finetune import load_finetuned
+    from vitxai.runner import recorded_methods
+    from vitxai.source import RunSource
+
+    source = RunSource.from_config(config)
+    if gpu:
+        source = RunSource.from_values({**source.record(), "device": "cuda"})
+    adapter, dataset, _ = source.load()
+    tuned, _ = load_finetuned(adapter, s.idsds_checkpoint)
+    return _IdsdsState(tuned, dataset, recorded_methods(tuned, config), labels,
+                       config.get("seed", 0), s)
+
+
+def _idsds_chunk(state: _IdsdsState, chosen: list[int]) -> dict[str, list[float]]:
+    """IDSDS ρ per method for the images ``chosen``: every method recomputed on the
+    fine-tuned model with the run's parameters and seed (the same random draws as the run's
+    maps), for the ground-truth labels, then single deletion on that model."""
     from vitxai.methods import BatchContext, attribute
     from vitxai.metrics.faithfulness import single_deletion
+
+    s, tuned = state.settings, state.tuned
+    images = torch.stack([state.dataset.load(i).image for i in chosen]).to(tuned.device,
+                                                                           tuned.dtype)
+    targets = torch.tensor([state.labels[i] for i in chosen])
+    ctx = BatchContext.for_batch(len(chosen), state.seed, chosen,
+                                 planned=[r.method for r in state.params.values()])
+    out = {}
+    for name, method in state.params.items():
+        maps = attribute(method, tuned, images, targets, context=ctx).maps
+        out[name] = single_deletion(tuned, images, maps.to(tuned.device), targets,
+                                    grid=s.grid, baseline=s.baseline, transform=s.transform,
+                                    batch_size=s.batch_size, seed=s.seed,
+                                    image_ids=chosen).tolist()
+    return out
+
+
+def _idsds_scores(tuned: ModelAdapter, dataset: ImageDataset, indices: list[int],
+                  labels: dict[int, int], names: Sequence[str], config: dict[str, Any],
+                  s: EvaluateSettings, progress: bool, engine: EngineSettings | None = None
+                  ) -> dict[tuple[str, str], dict[int, float]]:
+    """IDSDS per (method, "idsds") and image (Hesse et al. 2024), in chunks of
+    ``s.images_per_step`` images, here or on the ``engine``'s Ray workers (which rebuild the
+    model from the run's source; the results are the same)."""
+    from vitxai.engines import RayPool
     from vitxai.runner import recorded_methods
 
-    params = recorded_methods(tuned, config)
+    chunks = [indices[k:k + s.images_per_step] for k in range(0, len(indices),
+                                                                s.images_per_step)]
+    pool = None
+    if engine is not None and engine.name == "ray":
+        pool = RayPool(engine, _idsds_worker, (config, labels, s))
+        results = pool.map(_idsds_chunk, chunks)
+    else:
+        state = _IdsdsState(tuned, dataset, recorded_methods(tuned, config), labels,
+                            config.get("seed", 0), s)
+        results = (_idsds_chunk(state, c) for c in chunks)
     out: dict[tuple[str, str], dict[int, float]] = {(name, "idsds"): {} for name in names}
     bar = tqdm(total=len(indices), unit="img", desc="IDSDS on the fine-tuned model",
                disable=not progress)
-    for start in range(0, len(indices), s.images_per_step):
-        chosen = indices[start:start + s.images_per_step]
-        images = torch.stack([dataset.load(i).image for i in chosen]).to(tuned.device,
-                                                                         tuned.dtype)
-        targets = torch.tensor([labels[i] for i in chosen])
-        # the run's seed and image ids: the same random draws as the run's maps
-        ctx = BatchContext.for_batch(len(chosen), config.get("seed", 0), chosen,
-                                     planned=[params[n].method for n in names])
-        for name in names:
-            maps = attribute(params[name], tuned, images, targets, context=ctx).maps
-            rho = single_deletion(tuned, images, maps.to(tuned.device), targets, grid=s.grid,
-                                  baseline=s.baseline, transform=s.transform,
-                                  batch_size=s.batch_size, seed=s.seed, image_ids=chosen)
-            out[(name, "idsds")].update(zip(chosen, rho.tolist(), strict=True))
-        bar.update(len(chosen))
-    bar.close()
+    try:
+        for chosen, rho in zip(chunks, results, strict=True):
+            for name in names:
+                out[(name, "idsds")].update(zip(chosen, rho[name], strict=True))
+            bar.update(len(chosen))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
     return out
 
 

@@ -5,6 +5,7 @@
   stabilisers).
 - :mod:`.chefer`: Chefer 2021a and its siblings (LRP rollout, last layer, full pixel LRP).
 - :mod:`.abslrp`: absLRP and contrastive relevance (Vukadin et al. 2024).
+- :mod:`.abslrp_cnn`: absLRP's pass through timm VGG and ResNet CNNs.
 - :mod:`.attnlrp`: AttnLRP and CP-LRP (Achtibat et al. 2024) through modified gradients.
 """
 

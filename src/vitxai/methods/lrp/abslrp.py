@@ -32,6 +32,8 @@ conserve the positive and the negative mass separately (whenever that stream's �
 LayerNorm and softmax multiply by the signed input x, so there only each stream's L1 mass is kept
 (as in the reference code). On a random tiny ViT most of the lost net relevance goes at softmax.
 
+timm VGGs and ResNets take the pass of :mod:`.abslrp_cnn` (the registered method dispatches).
+
 Deviation from the reference code: N1 and the split ratios divide exactly (0 for an all-zero
 vector) instead of adding 1e-9, which would shrink small masses. The repository-HEAD
 compatibility mode (docs/methods.md §7) is not implemented.
@@ -53,6 +55,7 @@ from vitxai.methods.base import (
     pixel_attribution,
     register_method,
 )
+from vitxai.methods.lrp import abslrp_cnn
 from vitxai.methods.lrp.rules import (
     abs_activation_rule,
     abs_add_rule,
@@ -65,6 +68,7 @@ from vitxai.methods.lrp.rules import (
     abs_softmax_rule,
     abs_token_readout_rule,
     n1,
+    work_dtype,
 )
 from vitxai.models.adapter import Capture, ModelAdapter, ViTAdapter
 
@@ -216,11 +220,6 @@ def _block_rule(blk: nn.Module, act: dict[str, torch.Tensor], relevance: torch.T
     return r_skip + r_branch
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    # half-precision models propagate in float32; float64 models stay exact for tests
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _propagate(adapter: ViTAdapter, cap: Capture, images: torch.Tensor, seed: torch.Tensor
                ) -> AbsLRPPass:
     """head(s) → CLS (and DIST) → final norm → blocks in reverse → norm_pre → pos-embed add →
@@ -283,7 +282,7 @@ def relevance_pass(adapter: ViTAdapter, images: torch.Tensor, seeds: Sequence[to
         One :class:`AbsLRPPass` per seed; relevance is w.r.t. the model's normalised input.
     """
     _check_supported(adapter)
-    dtype = _work_dtype(adapter.dtype)
+    dtype = work_dtype(adapter.dtype)
     with adapter.full_precision(), adapter.capture(activations=True) as cap:
         adapter.logits(images)  # float32 under bf16 too: the rules amplify bf16 rounding
     normalised = adapter.normalize(images).to(dtype)
@@ -321,25 +320,34 @@ class AbsLRPParams:
     "abslrp",
     params=AbsLRPParams,
     family="lrp",
-    vit_only=True,
     aliases=("absLRP",),
     paper="Vukadin, Afrić, Šilić & Delač 2024, 'Advancing Attribution-Based Neural Network "
           "Explainability through Relative Absolute Magnitude Layer-Wise Relevance Propagation "
           "and Multi-Component Evaluation', ACM TIST",
     summary="LRP with |y|-relative absolute-twin rules, ± mass split separately; contrastive "
-            "target-vs-rest map in [−1, 1] (pixel-level, w.r.t. the normalised input).",
+            "target-vs-rest map in [−1, 1] (pixel-level, w.r.t. the normalised input); timm "
+            "ViTs, VGGs and ResNets.",
 )
-def abslrp(adapter: ViTAdapter, images: torch.Tensor, targets: torch.Tensor, p: AbsLRPParams,
+def abslrp(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor, p: AbsLRPParams,
            context: BatchContext) -> Attribution:
-    """absLRP pixel relevance (B, 3, H, W); ``maps`` is its channel sum."""
-    _check_supported(adapter)
+    """absLRP pixel relevance (B, 3, H, W); ``maps`` is its channel sum.
+
+    A ViT takes the pass of this module, a timm VGG or ResNet that of :mod:`.abslrp_cnn`;
+    any other model is refused in one line.
+    """
+    vit = isinstance(adapter, ViTAdapter)
+    if vit:
+        _check_supported(adapter)
+    else:
+        abslrp_cnn.check_supported(adapter)
     b, c = images.shape[0], adapter.num_classes
     if p.contrastive and c < 2:
         raise ValueError("abslrp with contrastive=True needs a model with at least 2 classes")
-    onehot = torch.zeros(b, c, dtype=_work_dtype(adapter.dtype), device=images.device)
+    onehot = torch.zeros(b, c, dtype=work_dtype(adapter.dtype), device=images.device)
     onehot[torch.arange(b), targets.to(images.device)] = 1.0
     seeds = [onehot, (1 - onehot) / (c - 1)] if p.contrastive else [onehot]
-    passes = relevance_pass(adapter, images, seeds)
+    run = relevance_pass if vit else abslrp_cnn.relevance_pass
+    passes = run(adapter, images, seeds)
     channels = (contrastive_relevance(passes[0].pixels, passes[1].pixels) if p.contrastive
                 else passes[0].pixels)
     return pixel_attribution("abslrp", channels, targets,

@@ -81,7 +81,7 @@ def token_readout_rule(tokens: torch.Tensor, parts: Sequence[tuple[torch.Tensor,
     """LRP α1β0 through a linear read-out of tokens, y = Σ_k Σ_i ω_ki x_i W_kᵀ + b.
 
     The :func:`linear_rule` of that one linear map (a linear probe on the class token, the
-    mean patch token or both; docs/methods.md §10): with ω ≥ 0,
+    mean patch token or both; docs/methods.md §13): with ω ≥ 0,
     z⁺_(i,d),c = ω_ki (x_id w_k,cd)⁺ and Σ_(i,d) z⁺ = Σ_k (ω_kᵀX⁺) W_k⁺ᵀ + (ω_kᵀX⁻) W_k⁻ᵀ.
 
     Args:
@@ -257,7 +257,7 @@ def abs_token_readout_rule(tokens: torch.Tensor,
                            bias: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
     """absLRP through a linear read-out of tokens, y = Σ_k Σ_i ω_ki x_i W_kᵀ + b.
 
-    :func:`abs_linear_rule` of that one linear map (a linear probe; docs/methods.md §10):
+    :func:`abs_linear_rule` of that one linear map (a linear probe; docs/methods.md §13):
     G_(i,d) = Σ_k ω_ki Σ_c 2(x_id w_k,cd)⁺ s_c with s = R/|y| (ω ≥ 0 factors out).
 
     Args:
@@ -366,3 +366,129 @@ def abs_patch_conv_rule(images: torch.Tensor, conv: nn.Conv2d, relevance: torch.
     cols = F.unfold(images, kernel, stride=kernel).transpose(1, 2)  # (B, Np, 3·p·p)
     r_cols = abs_linear_rule(cols, conv.weight.flatten(1), conv.bias, relevance)
     return F.fold(r_cols.transpose(1, 2), images.shape[-2:], kernel, stride=kernel)
+
+
+# --- absLRP on CNNs (timm VGG and ResNet; docs/methods.md §7, "On CNNs") -------------------------
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the absLRP passes run in: float64 models stay exact (tests), all others use
+    float32 (the rules amplify half-precision rounding)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def abs_conv2d_rule(x: torch.Tensor, conv: nn.Conv2d, relevance: torch.Tensor) -> torch.Tensor:
+    """A Conv2d (any stride, padding, dilation, groups; zero padding), twin conv(|x|; |W|, |b|).
+
+    The convolutional :func:`abs_linear_rule`: G_i = Σ_j 2(x_i w_ji)⁺ s_j with s = R/|y|, the
+    bias entering |y| only. (xw)⁺ = x⁺w⁺ + x⁻w⁻ turns the sum into two transposed convolutions
+    (the convolution's input gradient): G = 2[x⁺ ⊙ Cᵀ_{W⁺} s + x⁻ ⊙ Cᵀ_{W⁻} s].
+
+    Args:
+        x: (B, C_in, H, W) the convolution's input.
+        conv: the layer (its weight and bias are cast to x's dtype).
+        relevance: (B, C_out, h, w) relevance of its output.
+
+    Returns:
+        (B, C_in, H, W) relevance of the input.
+    """
+    weight = conv.weight.to(x.dtype)
+    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    y = F.conv2d(x, weight, None if conv.bias is None else conv.bias.to(x.dtype), *geometry)
+    # the transposed convolutions dominate the pass: skip those of an all-zero part (x⁻ after
+    # a ReLU; the empty R⁻ stream of a non-negative seed)
+    parts = [(xp, weight.clamp(**bound)) for xp, bound in ((x.clamp(min=0), {"min": 0}),
+                                                          (x.clamp(max=0), {"max": 0}))
+             if xp.any()]
+
+    def contribution(s: torch.Tensor) -> torch.Tensor:
+        g = torch.zeros_like(x)
+        if s.any():
+            for xp, wp in parts:
+                g += 2 * xp * torch.nn.grad.conv2d_input(x.shape, wp, s, *geometry)
+        return g
+
+    return share(relevance, [_split_by_sign(contribution, scaled(relevance, y))])[0]
+
+
+def abs_batchnorm_rule(x: torch.Tensor, norm: nn.BatchNorm2d, relevance: torch.Tensor
+                       ) -> torch.Tensor:
+    """BatchNorm2d in eval mode, the per-channel affine map y = a·x + c.
+
+    a = γ/√(σ²_run + ε), c = β − a·μ_run; twin |a|·|x| + |c| (the reference's copy with |γ|,
+    |β| on |x| has the same Jacobian |a|·sgn x): G = x ⊙ (a + |a|·sgn x) ⊙ s = 2(a·x)⁺ ⊙ s,
+    the LayerScale rule with a shift that enters |y| only.
+
+    Args:
+        x: (B, C, H, W) the normalisation's input; norm: a BatchNorm2d with running
+        statistics; relevance: (B, C, H, W) relevance of its output.
+    """
+    dtype = x.dtype
+    weight = torch.ones_like(norm.running_var, dtype=dtype) if norm.weight is None \
+        else norm.weight.to(dtype)
+    bias = None if norm.bias is None else norm.bias.to(dtype)
+    var = norm.running_var.to(dtype)
+    y = F.batch_norm(x, norm.running_mean.to(dtype), var, weight, bias, False, 0.0, norm.eps)
+    ax = x * (weight / (var + norm.eps).sqrt()).view(1, -1, 1, 1)
+    return share(relevance, [_split_by_sign(lambda t: 2 * ax.clamp(min=0) * t,
+                                            scaled(relevance, y))])[0]
+
+
+def abs_relu_rule(x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """ReLU, twin |ReLU(x)|: G = x ⊙ 1[x > 0]·(1 + 1) ⊙ s = 2x⁺ ⊙ s (:func:`abs_activation_rule`
+    in closed form).
+
+    With s = R/x⁺, G± = 2R± where x > 0: relevance passes through unchanged wherever the
+    unit is active (the rules above a ReLU give inactive units none, so the reference's twin
+    ReLU(|x|) = |x| gives the same). The rule reads x⁺ only, so the input of an in-place ReLU,
+    recorded after the call (= its output), serves as well.
+    """
+    y = x.clamp(min=0)
+    return share(relevance, [_split_by_sign(lambda t: 2 * y * t, scaled(relevance, y))])[0]
+
+
+def abs_max_pool_rule(x: torch.Tensor, pool: nn.MaxPool2d, relevance: torch.Tensor
+                      ) -> torch.Tensor:
+    """MaxPool2d, twin maxpool(|x|): each output passes its s to the input it selected.
+
+    G = x ⊙ Σ_{j: i = argmax_j x} s_j + |x| ⊙ Σ_{j: i = argmax_j |x|} s_j, with torch's own
+    indices (its gradient's tie-breaking). For x ≥ 0 (every max pool of a VGG or ResNet follows
+    a ReLU) both argmaxes agree and G = 2y ⊙ s = 2R at the winners: winner takes all, and R± is
+    conserved. Signed inputs make G sign-indefinite (only each stream's L1 mass is kept).
+
+    Args:
+        x: (B, C, H, W) the pool's input; relevance: (B, C, h, w) relevance of its output.
+    """
+    kwargs = dict(kernel_size=pool.kernel_size, stride=pool.stride, padding=pool.padding,
+                  dilation=pool.dilation, ceil_mode=pool.ceil_mode, return_indices=True)
+    y, index = F.max_pool2d(x, **kwargs)
+    _, index_abs = F.max_pool2d(x.abs(), **kwargs)
+
+    def routed(idx: torch.Tensor, s: torch.Tensor) -> torch.Tensor:  # Σ_{j: idx_j = i} s_j
+        flat = torch.zeros_like(x).flatten(2)
+        return flat.scatter_add(2, idx.flatten(2), s.flatten(2)).view_as(x)
+
+    return share(relevance, [_split_by_sign(
+        lambda t: x * routed(index, t) + x.abs() * routed(index_abs, t),
+        scaled(relevance, y))])[0]
+
+
+def abs_avg_pool_rule(x: torch.Tensor, pool: Callable[[torch.Tensor], torch.Tensor],
+                      relevance: torch.Tensor) -> torch.Tensor:
+    """A linear pooling y = P·x with P ≥ 0, twin P·|x|: G = 2x⁺ ⊙ Pᵀs.
+
+    AvgPool2d, AdaptiveAvgPool2d, global average pooling (timm's SelectAdaptivePool2d, with
+    or without flatten): the :func:`abs_linear_rule` of P, whose Pᵀs is taken by autograd
+    through ``pool`` itself, so any kernel, stride, padding, ``ceil_mode`` or divisor is exact.
+
+    Args:
+        x: (B, C, H, W) the pool's input; pool: the pooling (a module or function);
+        relevance: relevance of its output (shaped like ``pool(x)``).
+    """
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        y = pool(xg)
+        s = scaled(relevance, y.detach())
+        (pt_pos,) = torch.autograd.grad(y, xg, s.clamp(min=0), retain_graph=True)
+        (pt_neg,) = torch.autograd.grad(y, xg, s.clamp(max=0))
+    x2 = 2 * x.clamp(min=0)
+    return share(relevance, [(x2 * pt_pos, x2 * pt_neg)])[0]
