@@ -116,6 +116,9 @@ class RayPool:
             if settings.address is None:  # a local instance sized for the requested workers
                 kwargs["num_cpus"] = max(os.cpu_count() or 1,
                                          settings.workers * settings.cpus_per_worker)
+                # Ray runs workers at nice 15; here they do all the work while the driver
+                # waits, and on a shared machine niced workers ran 4-7× slower than a local run
+                os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(**kwargs)
             self._owns_ray = True
         else:
