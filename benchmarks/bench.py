@@ -8,6 +8,10 @@ In one process, on one model, the same images, targets and sample counts, this m
   (b) vitxai: LIME and KernelSHAP (one shared segmentation, timed on its own), Integrated
       Gradients, GradientSHAP, and every attention method that reads the shared ViT pass, run
       together in one BatchContext (plus the LRP methods that make their own pass);
+      with --equal-error also paired LIME and KernelSHAP at the sample counts at which
+      benchmarks/convergence.py found them as accurate as lime_image / captum at 1000;
+  (b') tokens: paired LIME and KernelSHAP on patch tokens with removal="drop" (no
+      segmentation; forwards on the kept tokens only) at the same sample count;
   (c) references: lime's ``lime_image`` (its default batch of 10 and a batch of 64), captum's
       ``Lime`` and ``KernelShap`` on the same quickshift superpixels (perturbations_per_eval 1,
       captum's default, and 64), ``IntegratedGradients`` and ``GradientShap``;
@@ -25,6 +29,9 @@ Run from the repository root (see benchmarks/README.md):
     python benchmarks/bench.py --model bundled --images 2 --samples 1000 \
         --out benchmarks/results/bundled-fp32.json
     python benchmarks/bench.py --quick          # smoke test, well under a minute
+
+``--only lime,kernel_shap`` times just those methods; ``--device cuda`` runs on a GPU
+(benchmarks/gpu.sh).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
+import itertools
 import json
 import math
 import os
@@ -85,6 +93,11 @@ class Settings:
     original_ig_steps: int = 50
     original_gs_samples: int = 50
     memory_images: tuple[int, int] | None = None  # (N, 8N) for the streamed-memory check
+    only: frozenset[str] | None = None  # --only: the methods to time (None: all)
+    equal_error: dict[str, int] = field(default_factory=dict)  # --equal-error samples
+    token_grid: int | None = None  # --token-grid: the tokens section's feature cells per side
+    token_samples: dict[str, int] = field(default_factory=dict)  # --token-samples
+    sampling: str = "kernel"  # --sampling: KernelSHAP's coalition sampling in those rows
     other_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # defaults
     memory_params: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "lime": {"n_samples": 100}, "kernel_shap": {"n_samples": 100},
@@ -105,7 +118,7 @@ class Settings:
                                   "gradient_shap": {"n_samples": 2}})
 
 
-SECTIONS = ("floor", "vitxai", "references", "original", "memory")
+SECTIONS = ("floor", "vitxai", "tokens", "references", "original", "memory")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -137,6 +150,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.set_num_threads (default: torch's own choice)")
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--only", default=None,
+                   help="comma-separated registry names: time only these methods (vitxai, "
+                        "tokens, references, original), e.g. lime,kernel_shap")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--equal-error", default=None, metavar="lime=N,kernel_shap=M",
+                   help="vitxai section: also time paired LIME / KernelSHAP (superpixels) at "
+                        "these sample counts, those at which benchmarks/convergence.py found "
+                        "them as accurate as lime_image / captum KernelShap at 1000 samples")
+    p.add_argument("--token-grid", type=int, default=None, metavar="G",
+                   help="tokens section: LIME / KernelSHAP features are G × G cells of patches "
+                        "(grid=G) instead of single patches")
+    p.add_argument("--token-samples", default=None, metavar="lime=N,kernel_shap=M",
+                   help="tokens section: also time these sample counts (those of equal error "
+                        "for the token estimators, from benchmarks/convergence.py)")
+    p.add_argument("--sampling", default="kernel", choices=("kernel", "leverage"),
+                   help="KernelSHAP's sampling in the --equal-error and tokens rows")
     p.add_argument("--memory-images", default=None,
                    help="N,2N images for the streamed-memory check (default: --images and "
                         "twice that)")
@@ -203,22 +232,23 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def load_adapter(name: str, pretrained: bool) -> tuple[ModelAdapter, str]:
+def load_adapter(name: str, pretrained: bool, device: str = "cpu"
+                 ) -> tuple[ModelAdapter, str]:
     """(adapter, description); the bundled model falls back to a random DeiT-tiny."""
     if name == "bundled":
         from vitxai.models.bundled import load_bundled_model
 
         try:
-            return load_bundled_model(), "bundled benchmark ViT (trained weights)"
+            return load_bundled_model(device=device), "bundled benchmark ViT (trained weights)"
         except ModelLoadError as e:
             print(f"note: bundled model unavailable ({str(e).splitlines()[0][:160]}); "
                   f"using a random {FALLBACK_MODEL}")
             name = FALLBACK_MODEL
-            return (load_model(name, pretrained=False),
+            return (load_model(name, pretrained=False, device=device),
                     f"{name} with RANDOM weights (fallback: bundled weights missing)")
     if pretrained:
-        return load_model(name, pretrained=True), f"{name} (pretrained)"
-    return load_model(name, pretrained=False), f"{name} with RANDOM weights"
+        return load_model(name, pretrained=True, device=device), f"{name} (pretrained)"
+    return load_model(name, pretrained=False, device=device), f"{name} with RANDOM weights"
 
 
 def load_images(adapter: ModelAdapter, n: int) -> torch.Tensor:
@@ -249,10 +279,17 @@ class Passes:
 
 @contextlib.contextmanager
 def count_passes(adapter: ModelAdapter) -> Iterator[Passes]:
-    """Count rows through ``adapter.model`` and rows of gradients reaching its input."""
+    """Count rows through ``adapter.model`` and rows of gradients reaching its input.
+
+    Token removal (``removal="drop"``) runs a ViT's parts without calling the model itself
+    (and embeds each image once); its rows are counted at the first block (only outside a
+    call of the model).
+    """
     passes = Passes()
+    inside = [0]
 
     def pre(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        inside[0] += 1
         x = args[0]
         passes.forward += int(x.shape[0])
         if x.requires_grad:
@@ -260,11 +297,22 @@ def count_passes(adapter: ModelAdapter) -> Iterator[Passes]:
                 passes.backward += int(g.shape[0])
             x.register_hook(on_grad)
 
-    handle = adapter.model.register_forward_pre_hook(pre)
+    def post(*_: Any) -> None:
+        inside[0] -= 1
+
+    def parts(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if not inside[0]:
+            passes.forward += int(args[0].shape[0])
+
+    handles = [adapter.model.register_forward_pre_hook(pre),
+               adapter.model.register_forward_hook(post)]
+    if adapter.is_vit:
+        handles.append(adapter.model.blocks[0].register_forward_pre_hook(parts))
     try:
         yield passes
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
 
 
 @dataclass
@@ -428,6 +476,10 @@ def run_vitxai(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
     n = images.shape[0]
     seg = SegmentationParams()
     records: list[Record] = []
+
+    def wanted(name: str) -> bool:
+        return s.only is None or name in s.only
+
     # LIME and KernelSHAP share one segmentation per image (one context), timed on its own
     contexts: list[BatchContext] = []
 
@@ -448,28 +500,39 @@ def run_vitxai(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
         return run
 
     bs = default_batch_size(adapter.device)  # the methods' own default, recorded
-    records.append(measure(Record("lime", "vitxai", "lime",
-                                  {"n_samples": s.samples, "batch_size": bs}, "forward",
-                                  s.samples), adapter, n, method("lime", n_samples=s.samples),
-                           s.repeats))
-    records.append(measure(Record("kernel_shap", "vitxai", "kernel_shap",
-                                  {"n_samples": s.samples, "batch_size": bs}, "forward",
-                                  s.samples), adapter, n,
-                           method("kernel_shap", n_samples=s.samples), s.repeats))
-    ks = records[-1]
-    if "cost" in ks.extra:  # fewer rows when 2^S ≤ n_samples (exact enumeration)
-        ks.evals_per_image = float(ks.extra["cost"]["forward"])
-    records.append(measure(Record("integrated_gradients", "vitxai", "integrated_gradients",
-                                  {"steps": s.ig_steps, "batch_size": bs},
-                                  "gradient", s.ig_steps), adapter, n,
-                           method("integrated_gradients", steps=s.ig_steps), s.repeats))
-    records.append(measure(Record("gradient_shap", "vitxai", "gradient_shap",
-                                  {"n_samples": s.gs_samples, "batch_size": bs},
-                                  "gradient", s.gs_samples), adapter, n,
-                           method("gradient_shap", n_samples=s.gs_samples), s.repeats))
+    if wanted("lime"):
+        records.append(measure(Record("lime", "vitxai", "lime",
+                                      {"n_samples": s.samples, "batch_size": bs}, "forward",
+                                      s.samples), adapter, n,
+                               method("lime", n_samples=s.samples), s.repeats))
+    if wanted("kernel_shap"):
+        records.append(measure(Record("kernel_shap", "vitxai", "kernel_shap",
+                                      {"n_samples": s.samples, "batch_size": bs}, "forward",
+                                      s.samples), adapter, n,
+                               method("kernel_shap", n_samples=s.samples), s.repeats))
+        ks = records[-1]
+        if "cost" in ks.extra:  # fewer rows when 2^S ≤ n_samples (exact enumeration)
+            ks.evals_per_image = float(ks.extra["cost"]["forward"])
+    for name, samples in s.equal_error.items():  # the counts of equal error (convergence.py)
+        if not wanted(name):
+            continue
+        params = {"n_samples": samples, **fast_options(name, s.sampling)}
+        records.append(measure(Record(equal_row(name, samples, s.sampling), "vitxai", name,
+                                      {**params, "batch_size": bs}, "forward", samples),
+                               adapter, n, method(name, **params), s.repeats))
+    if wanted("integrated_gradients"):
+        records.append(measure(Record("integrated_gradients", "vitxai", "integrated_gradients",
+                                      {"steps": s.ig_steps, "batch_size": bs},
+                                      "gradient", s.ig_steps), adapter, n,
+                               method("integrated_gradients", steps=s.ig_steps), s.repeats))
+    if wanted("gradient_shap"):
+        records.append(measure(Record("gradient_shap", "vitxai", "gradient_shap",
+                                      {"n_samples": s.gs_samples, "batch_size": bs},
+                                      "gradient", s.gs_samples), adapter, n,
+                               method("gradient_shap", n_samples=s.gs_samples), s.repeats))
     covered = {"lime", "kernel_shap", "integrated_gradients", "gradient_shap"}
     for name, spec in METHODS.items():  # the rest of the registry's model-agnostic methods
-        if spec.family not in ("gradient", "perturbation") or name in covered:
+        if spec.family not in ("gradient", "perturbation") or name in covered or not wanted(name):
             continue
         params = s.other_params.get(name, {})
         kind = "gradient" if spec.family == "gradient" else "forward"
@@ -481,18 +544,20 @@ def run_vitxai(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
             r.evals_per_image = float(cost["forward"])
         records.append(r)
     if adapter.is_vit:
-        records.extend(run_attention(adapter, images, targets, s.repeats))
+        records.extend(run_attention(adapter, images, targets, s.repeats, s.only))
     return records
 
 
 def run_attention(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
-                  repeats: int) -> list[Record]:
+                  repeats: int, only: frozenset[str] | None = None) -> list[Record]:
     """Every method on the shared ViT pass, together in one context; then the LRP methods
-    that make a pass of their own, one by one."""
+    that make a pass of their own, one by one (``only``: just these)."""
     n = images.shape[0]
-    shared = [m for m, spec in METHODS.items() if "attention" in spec.uses]
+    shared = [m for m, spec in METHODS.items() if "attention" in spec.uses
+              and (only is None or m in only)]
     own = [m for m, spec in METHODS.items()
-           if spec.family in ("attention", "lrp") and m not in shared]
+           if spec.family in ("attention", "lrp") and "attention" not in spec.uses
+           and (only is None or m in only)]
 
     def together() -> dict[str, Any]:
         ctx = BatchContext.for_batch(n, planned=shared)
@@ -511,11 +576,60 @@ def run_attention(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Te
 
     records = [measure(Record("attention (all shared-pass methods)", "vitxai", "attention",
                               {"methods": shared}, "gradient", 1.0), adapter, n, together,
-                       repeats)]
+                       repeats)] if shared else []
     for m in own:
         records.append(measure(Record(m, "vitxai", m, {}, "gradient", 1.0), adapter, n,
                                lambda m=m: {"cost": vars(attribute(
                                    m, adapter, images, targets).cost)}, repeats))
+    return records
+
+
+def fast_options(method: str, sampling: str) -> dict[str, Any]:
+    """The sampling options of the equal-error and tokens rows: paired coalitions, and
+    KernelSHAP's ``--sampling``."""
+    if method == "lime":
+        return {"paired": True}
+    return {"paired": True, **({} if sampling == "kernel" else {"sampling": sampling})}
+
+
+def row_tag(method: str, sampling: str) -> str:
+    return "".join(f" {v if isinstance(v, str) else k}"
+                   for k, v in fast_options(method, sampling).items())
+
+
+def token_row(method: str, n: int, grid: int | None = None, sampling: str = "kernel") -> str:
+    """The tokens section's row name for ``method`` at ``n`` samples."""
+    return (f"{method} token drop{row_tag(method, sampling)}"
+            f"{'' if grid is None else f' grid {grid}'} n={n}")
+
+
+def equal_row(method: str, n: int, sampling: str = "kernel") -> str:
+    """The row name of ``method`` at its ``--equal-error`` count ``n`` (pixel space)."""
+    return f"{method}{row_tag(method, sampling)} n={n} (equal error)"
+
+
+def run_tokens(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
+               s: Settings) -> list[Record]:
+    """Paired LIME and KernelSHAP on patch tokens with ``removal="drop"`` (features: patches,
+    or ``--token-grid`` cells) at the run's sample count and at ``--token-samples``: no
+    segmentation, and each forward costs what its kept tokens cost."""
+    n = images.shape[0]
+    records = []
+    for method in ("lime", "kernel_shap"):
+        if s.only is not None and method not in s.only:
+            continue
+        for samples in dict.fromkeys([s.samples, s.token_samples.get(method, s.samples)]):
+            params = {"space": "token", "removal": "drop", "n_samples": samples,
+                      **fast_options(method, s.sampling),
+                      **({} if s.token_grid is None else {"grid": s.token_grid})}
+
+            def run(method: str = method, params: dict[str, Any] = params) -> dict[str, Any]:
+                r = attribute(method, adapter, images, targets, **params)
+                return {"cost": {"forward": r.cost.forward, "backward": r.cost.backward}}
+            records.append(measure(Record(token_row(method, samples, s.token_grid, s.sampling),
+                                          "vitxai",
+                                          method, params, "forward", samples),
+                                   adapter, n, run, s.repeats))
     return records
 
 
@@ -617,6 +731,8 @@ def run_references(adapter: ModelAdapter, images: torch.Tensor, targets: torch.T
 
     def add(tool: str, impl: str, name: str, method: str, settings: dict[str, Any], kind: str,
             evals: float, make: Callable[[], Callable[[], Any]], seg: bool = False) -> None:
+        if s.only is not None and method not in s.only:
+            return
         key = (impl, tuple(sorted(settings.items())))
         if key in done:
             first = done[key]
@@ -779,7 +895,8 @@ def add_floor(records: list[Record], fl: dict[str, Any] | None) -> None:
 
 def speedups(records: list[Record]) -> list[dict[str, Any]]:
     """vitxai's speed-up over each reference of the same method: reference s/img ÷ vitxai
-    s/img, with vitxai's time including its segmentation when the reference's does."""
+    s/img, with vitxai's time including its segmentation when the reference's does (token
+    rows segment nothing)."""
     seg = next((r for r in records if r.tool == "vitxai" and r.method == "segmentation"
                 and not r.error), None)
     rows = []
@@ -790,12 +907,15 @@ def speedups(records: list[Record]) -> list[dict[str, Any]]:
             if ref.tool == "vitxai" or ref.method != v.method or ref.error:
                 continue
             mine = v.per_image
-            if ref.includes_segmentation and seg is not None:
+            add_seg = (ref.includes_segmentation and seg is not None
+                       and v.settings.get("space") != "token")
+            if add_seg:
                 mine += seg.per_image
-            rows.append({"method": v.method, "reference": f"{ref.tool}:{ref.name}",
+            rows.append({"method": v.method, "vitxai": v.name,
+                         "reference": f"{ref.tool}:{ref.name}",
                          "reference_seconds_per_image": ref.per_image,
                          "vitxai_seconds_per_image": mine,
-                         "vitxai_includes_segmentation": ref.includes_segmentation,
+                         "vitxai_includes_segmentation": add_seg,
                          "speedup": ref.per_image / mine if mine else math.nan})
     return rows
 
@@ -804,12 +924,12 @@ def goals(records: list[Record], ups: list[dict[str, Any]], s: Settings,
           compare_run: dict[str, Any] | None, quick: bool) -> dict[str, Any]:
     """The issue's goals, checked on this run's numbers (None: not measured here, or at other
     sample counts than the goals name)."""
-    def rec(method: str) -> Record | None:
-        return next((r for r in records if r.tool == "vitxai" and r.method == method
+    def rec(name: str) -> Record | None:
+        return next((r for r in records if r.tool == "vitxai" and r.name == name
                      and not r.error), None)
 
-    def up(method: str, reference: str) -> float | None:
-        return next((u["speedup"] for u in ups if u["method"] == method
+    def up(name: str, reference: str) -> float | None:
+        return next((u["speedup"] for u in ups if u["vitxai"] == name
                      and u["reference"] == reference), None)
 
     perturbation_ok = s.samples == 1000 and not quick
@@ -828,7 +948,25 @@ def goals(records: list[Record], ups: list[dict[str, Any]], s: Settings,
         r = rec(method)
         ratio = r.extra.get("ratio_to_floor") if r and gradient_ok else None
         out[f"{method} within 1.2× of the floor"] = None if ratio is None else ratio <= 1.2
-    att = rec("attention")
+    for method in ("lime", "kernel_shap"):  # token removal at equal samples (tokens section)
+        pixel, drop = rec(method), rec(token_row(method, s.samples, s.token_grid, s.sampling))
+        if pixel is not None and drop is not None and not quick:
+            speedup = pixel.per_image / drop.per_image
+            out[f"{method} token drop ≥2× faster than pixel at {s.samples} samples"] = (
+                speedup >= 2)
+            out[f"{method} token drop speed-up over pixel"] = round(speedup, 2)
+        refs = {"lime": ("lime_image:lime_image batch 10", "captum:Lime ppe 1"),
+                "kernel_shap": ("captum:KernelShap ppe 1",)}[method]
+        rows = ([equal_row(method, s.equal_error[method], s.sampling)]
+                if method in s.equal_error else [])
+        if method in s.token_samples:
+            rows.append(token_row(method, s.token_samples[method], s.token_grid, s.sampling))
+        for row, ref in itertools.product(rows, refs if perturbation_ok else ()):
+            x = up(row, ref)
+            out[f"{row} ≥5× faster than {ref} at 1000"] = None if x is None else x >= 5
+            if x is not None:
+                out[f"{row}: equal-error speed-up over {ref}"] = round(x, 2)
+    att = rec("attention (all shared-pass methods)")
     if att is not None and att.counted:
         out["attention methods together ≤ 1 forward + 1 backward (autograd, per image)"] = (
             att.counted["forward"] <= 1 + 1e-9 and att.counted["backward"] <= 1 + 1e-9)
@@ -871,10 +1009,15 @@ def print_tables(records: list[Record], ups: list[dict[str, Any]], fl: dict[str,
               "'+seg' = vitxai's segmentation time added, as the reference segments itself)")
         for u in ups:
             tag = " +seg" if u["vitxai_includes_segmentation"] else ""
-            print(f"  {u['method']:<22} vs {u['reference']:<52}{u['speedup']:7.2f}×{tag}")
+            print(f"  {u['vitxai']:<40} vs {u['reference']:<44}{u['speedup']:7.2f}×{tag}")
     print("\ngoals (this run):")
     for k, v in goal.items():
         print(f"  {k}: {'n/a' if v is None else v}")
+
+
+def counts_arg(text: str) -> dict[str, int]:
+    """``"lime=300,kernel_shap=420"`` → {"lime": 300, "kernel_shap": 420}."""
+    return {k.strip(): int(v) for k, v in (item.split("=") for item in text.split(","))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -890,6 +1033,13 @@ def main(argv: list[str] | None = None) -> int:
         s.samples = args.samples
     if args.repeats is not None:
         s.repeats = max(1, args.repeats)
+    if args.only:
+        s.only = frozenset(m.strip() for m in args.only.split(",") if m.strip())
+    if args.equal_error:
+        s.equal_error = counts_arg(args.equal_error)
+    if args.token_samples:
+        s.token_samples = counts_arg(args.token_samples)
+    s.token_grid, s.sampling = args.token_grid, args.sampling
     n = args.images or (1 if args.quick else 2)
     if args.memory_images:
         a, b = (int(v) for v in args.memory_images.split(","))
@@ -897,7 +1047,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         s.memory_images = (1, 2) if args.quick else (n, 8 * n)
 
-    adapter, model_note = load_adapter(args.model, args.pretrained)
+    adapter, model_note = load_adapter(args.model, args.pretrained, args.device)
     adapter.set_precision(args.precision)
     ref_precision = (args.precision if args.reference_precision == "same"
                      else args.reference_precision)
@@ -943,6 +1093,9 @@ def main(argv: list[str] | None = None) -> int:
     if "vitxai" in sections:
         print("(b) vitxai")
         records += run_vitxai(adapter, images, targets, s)
+    if "tokens" in sections and adapter.is_vit:
+        print("(b') vitxai on patch tokens, removed (removal='drop')")
+        records += run_tokens(adapter, images, targets, s)
     if sections & {"references", "original"}:
         print(f"(c, d) references and the original comparison's settings "
               f"(precision {ref_precision})")

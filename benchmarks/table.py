@@ -69,7 +69,8 @@ def table(r: dict[str, Any]) -> str:
                   "| vitxai method | reference | speed-up |", "|---|---|---:|"]
         for u in r["speedups"]:
             tag = " +seg" if u["vitxai_includes_segmentation"] else ""
-            lines.append(f"| {u['method']} | {u['reference']} | {u['speedup']:.2f}×{tag} |")
+            lines.append(f"| {u.get('vitxai', u['method'])} | {u['reference']} | "
+                         f"{u['speedup']:.2f}×{tag} |")
     sm = r.get("streamed_memory", {})
     if sm.get("runs"):
         runs = ", ".join(f"{x['images']} images {x['peak_memory_mb']:.0f} MB"
@@ -97,7 +98,9 @@ def main(argv: list[str]) -> int:
     if not paths:
         print(f"no results in {RESULTS}; run benchmarks/bench.py first", file=sys.stderr)
         return 1
-    print("\n\n".join(table(json.loads(p.read_text(encoding="utf-8"))) for p in paths))
+    results = [json.loads(p.read_text(encoding="utf-8")) for p in paths]
+    # bench.py's files only (results/ also holds convergence.py's and token_removal.py's)
+    print("\n\n".join(table(r) for r in results if "records" in r))
     return 0
 
 

@@ -77,12 +77,19 @@ def recorded() -> dict[str, torch.Tensor]:
     return load_file(str(HERE / "maps.safetensors"))
 
 
+#: relevance propagated through every layer in float32 differs from CPU to CPU by up to
+#: ~1e-3 of the map's scale (measured 6e-4 between two x86 machines); a changed rule moves
+#: it by its own size
+PROPAGATED = {"chefer_full_lrp": 2e-3, "chefer_lrp_rollout": 2e-3}
+
+
 def test_every_method_gives_the_recorded_maps(recorded):
     now = golden_maps()
     assert sorted(now) == sorted(recorded)
     for name, maps in now.items():
-        scale = recorded[name].abs().max().clamp(min=1e-12)
-        assert torch.allclose(maps, recorded[name], rtol=1e-4, atol=1e-5 * float(scale)), name
+        scale = float(recorded[name].abs().max().clamp(min=1e-12))
+        atol = PROPAGATED.get(name, 1e-5) * scale
+        assert torch.allclose(maps, recorded[name], rtol=1e-4, atol=atol), name
 
 
 #: columns added to the rows after the recording (issue 12: what the model predicted); they
@@ -96,4 +103,16 @@ def test_a_comparison_gives_the_recorded_rows(tmp_path):
     assert len(rows) == len(recorded)
     for row, old in zip(rows, recorded, strict=True):
         assert set(row) == set(old) | ADDED_COLUMNS  # no recorded column lost, none unknown
-    assert [{k: r[k] for k in old} for r, old in zip(rows, recorded, strict=True)] == recorded
+    for row, old in zip(rows, recorded, strict=True):
+        for key, value in old.items():
+            assert same_cell(row[key], value), (old["method"], old["index"], key, row[key], value)
+
+
+def same_cell(now: str, then: str) -> bool:
+    """Equal CSV cells; numbers (written with 6 significant digits) to 1e-4 relative, as
+    another CPU rounds the last digit differently."""
+    try:
+        a, b = float(now), float(then)
+    except ValueError:
+        return now == then
+    return a == b or abs(a - b) <= 1e-4 * max(abs(a), abs(b))

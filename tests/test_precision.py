@@ -59,6 +59,17 @@ CASES = {
     "chefer2021a": {},
     # 16 superpixels (one per cell); quickshift's defaults find 1–3 on 32-pixel images
     "lime": {"n_samples": 64, "segmentation": SegmentationParams(kernel_size=1, max_dist=4)},
+    # the other methods --precision auto runs in bf16: perturbation (pixel and token space,
+    # removed tokens) and gradient methods
+    "kernel_shap": {"n_samples": 64, "paired": True,
+                    "segmentation": SegmentationParams(kernel_size=1, max_dist=4)},
+    "rise": {"n_samples": 64, "grid": 4, "p_keep": 0.5},
+    "occlusion": {"window": 8, "stride": 8},
+    "lime/token drop": {"n_samples": 64, "space": "token", "removal": "drop"},
+    "kernel_shap/token drop grid": {"n_samples": 64, "space": "token", "removal": "drop",
+                                    "grid": 2, "paired": True},
+    "gradient_shap": {"n_samples": 8},
+    "smoothgrad": {"n_samples": 4},
 }
 
 
@@ -77,7 +88,8 @@ def test_bf16_maps_correlate_with_fp32(trained):
             maps = {}
             for precision in ("fp32", "bf16"):
                 trained.set_precision(precision)
-                maps[precision] = attribute(name, trained, images, labels, **params).maps
+                method = name.split("/")[0]
+                maps[precision] = attribute(method, trained, images, labels, **params).maps
             r = pearson(maps["fp32"], maps["bf16"])
             assert maps["bf16"].dtype == torch.float32
             assert (r >= 0.99).all(), f"{name}: per-image r = {r.tolist()}"

@@ -68,7 +68,9 @@ def test_ig_u_drawn_once_per_run_is_the_same_baseline_for_every_image():
         ctx = BatchContext.for_batch(2, seed=5, image_ids=[10, 20])
         maps = attribute("integrated_gradients_uniform", adapter, twice, t, context=ctx,
                          draw=draw, steps=8).maps
-        assert torch.equal(maps[0], maps[1]) == same
+        # equal up to float64 rounding (rows of one batch may take other SIMD paths)
+        close = torch.allclose(maps[0], maps[1], rtol=1e-9, atol=1e-12 * float(maps.abs().max()))
+        assert close == same
         alone = attribute("integrated_gradients_uniform", adapter, twice[1:], t[1:],
                           context=BatchContext.for_batch(1, seed=5, image_ids=[20]),
                           draw=draw, steps=8).maps

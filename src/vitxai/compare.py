@@ -28,7 +28,7 @@ from vitxai import __version__
 from vitxai.data.datasets import Batch, ImageDataset, select_indices
 from vitxai.engines import Engine, EngineSettings, start_engine
 from vitxai.masks import MaskParams
-from vitxai.methods.base import get_method, stable_seed
+from vitxai.methods.base import get_method, params_record, stable_seed
 from vitxai.metrics.agreement import mask_vs_truth, overlap_matrices
 from vitxai.metrics.localization import mass_inside, pointing_game
 from vitxai.metrics.scores import MASK_PAIR_SCORES, TRUTH_SCORES
@@ -171,7 +171,7 @@ def run_config(adapter: ModelAdapter, dataset: ImageDataset, settings: CompareSe
     result = {
         "model": model,
         "dataset": dataset.describe(),
-        "methods": {k: dataclasses.asdict(v.params) for k, v in params.items()},
+        "methods": {k: params_record(v.params) for k, v in params.items()},
         "mask": dataclasses.asdict(settings.mask),
         "target": settings.target,
         "seed": settings.seed,
@@ -241,6 +241,7 @@ def _batch_rows(run: BatchRun) -> tuple[list[dict[str, Any]], list[dict[str, Any
     method_rows, pair_rows = [], []
     b = len(batch)
     top = probs.topk(min(TOP_K, probs.shape[-1]), dim=-1)  # (values, classes), descending
+    estimated = any(results[n].standard_error is not None for n in names)
     for i in range(b):
         label = int(batch.labels[i])
         base = {
@@ -261,6 +262,10 @@ def _batch_rows(run: BatchRun) -> tuple[list[dict[str, Any]], list[dict[str, Any
                 "peak_memory_mb": (float("nan") if r.cost.peak_memory_mb is None
                                    else r.cost.peak_memory_mb),
             }
+            if estimated:  # a method chose its own sample count: every row gets the columns
+                se, used = r.standard_error, r.evaluations
+                row |= {"standard_error": float("nan") if se is None else float(se[i]),
+                        "evaluations": r.cost.forward if used is None else int(used[i])}
             row |= _truth_scores("truth", r.maps, masks[name], batch.masks, i)
             row |= _truth_scores("other", r.maps, masks[name], batch.other_masks, i)
             method_rows.append(row)

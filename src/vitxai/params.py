@@ -42,11 +42,19 @@ def _check(name: str, value: Any, hint: Any) -> None:
             _check(name, value, float)  # e.g. a grey level of Literal["mean", ...] | float
             return
         rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1 and rest[0] in (bool, int, float):
+        # a number or a named choice, e.g. n_samples: int | Literal["auto"]
+        words = [w for a in rest if typing.get_origin(a) is typing.Literal
+                 for w in typing.get_args(a)]
+        if isinstance(value, str) and (value in words or (words and float in rest)):
+            return  # a choice, or a word for a level (e.g. a baseline): the dataclass checks
+        numbers_ = [a for a in rest if a in (bool, int, float)]
+        if len(numbers_) == 1 and len(rest) == 1 + bool(words):
+            alternatives = " or ".join(["null"] * (type(None) in args)
+                                       + [repr(w) for w in words])
             try:
-                _check(name, value, rest[0])
+                _check(name, value, numbers_[0])
             except ValueError as e:
-                raise ValueError(f"{e} or null") from None
+                raise ValueError(f"{e} or {alternatives}") from None
         return
     if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
         if not isinstance(value, tuple | list):

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 DEFAULT_IMAGENET_MODEL = "vit_base_patch16_224.orig_in21k_ft_in1k"
 #: images of the generated synthetic set when ``n_images`` is None
 SYNTHETIC_DEFAULT_SIZE = 12
-PRECISIONS = ("float32", "bf16", "float64")
+PRECISIONS = ("float32", "bf16", "float64", "auto")
 #: keys recorded only when set (None / False is the default), so that runs recorded before
 #: they existed keep their fingerprints
 OPTIONAL_KEYS = ("crop_pct", "resize", "interpolation", "mean", "std", "no_crop", "labels",
@@ -49,7 +49,9 @@ class RunSource:
         checkpoint_key: the entry of ``checkpoint`` holding the weights (None = found by
             itself); recorded only when set, so that other runs keep their fingerprints.
         random_weights: do not fetch pretrained weights.
-        precision: "float32", "bf16" (bfloat16 autocast forwards) or "float64".
+        precision: "float32", "bf16" (bfloat16 autocast forwards), "float64", or "auto":
+            bf16 where the device computes it natively, else float32; recorded resolved
+            (:attr:`resolved_precision`).
         device: "cpu", "cuda", "cuda:1", ...
         crop_pct, resize, interpolation, mean, std, no_crop: preprocessing overrides
             (:class:`vitxai.data.transforms.Preprocessing`; None / False = the model's own).
@@ -114,6 +116,7 @@ class RunSource:
     def record(self) -> dict[str, Any]:
         """The JSON record (``config["source"]``; part of the run's fingerprint)."""
         record = dataclasses.asdict(self)
+        record["precision"] = self.resolved_precision  # what ran, so "auto" reloads the same
         if record["checkpoint_key"] is None:  # recorded only when set (fingerprints hold)
             del record["checkpoint_key"]
         for key in OPTIONAL_KEYS:  # the same for the preprocessing and annotation options
@@ -122,6 +125,21 @@ class RunSource:
             elif isinstance(record[key], tuple):
                 record[key] = list(record[key])
         return record
+
+    @property
+    def resolved_precision(self) -> str:
+        """``precision`` with "auto" resolved on this machine: "bf16" where
+        :func:`~vitxai.models.adapter.auto_precision` chooses it for ``device``, else
+        "float32"."""
+        if self.precision != "auto":
+            return self.precision
+        import torch
+
+        from vitxai.models.adapter import auto_precision
+
+        device = torch.device(self.device)
+        native = device.type != "cuda" or torch.cuda.is_available()
+        return "bf16" if native and auto_precision(device) == "bf16" else "float32"
 
     @property
     def model_name(self) -> str:
@@ -204,9 +222,11 @@ class RunSource:
         if self.probe is not None and adapter.probe is not None:
             notes.append(f"classifier: linear probe {self.probe} ({adapter.probe.readout} "
                          f"read-out, {adapter.probe.num_classes} classes)")
-        if self.precision == "float64":
+        if self.precision == "auto":
+            notes.append(f"precision auto: {self.resolved_precision} on {self.device}")
+        if self.resolved_precision == "float64":
             adapter.to(dtype=torch.float64)
-        elif self.precision == "bf16":
+        elif self.resolved_precision == "bf16":
             adapter.set_precision("bf16")
             notes.append("forward passes in bfloat16 autocast (precision bf16); maps, masks "
                          "and solves in float32")

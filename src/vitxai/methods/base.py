@@ -80,6 +80,12 @@ class Attribution:
             "superpixel", else None.
         channels: (B, 3, H, W) per-channel attribution of pixel methods (``maps`` is its
             channel sum), so the unified mask can clip before averaging channels; else None.
+        standard_error: (B,) float64, sampling methods that choose their own sample count
+            (``n_samples="auto"``): the estimated standard error of each image's native map
+            relative to its range, max_j SE(φ_j) / (max_j φ_j − min_j φ_j) (Covert & Lee
+            2021's convergence ratio, the quantity ``tolerance`` bounds); else None.
+        evaluations: (B,) int64 model evaluations spent on each image when they differ per
+            image (``n_samples="auto"``); else None (``cost.forward`` says it).
     """
 
     method: str
@@ -90,6 +96,8 @@ class Attribution:
     cost: Cost
     segments: torch.Tensor | None = None
     channels: torch.Tensor | None = None
+    standard_error: torch.Tensor | None = None
+    evaluations: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.maps.shape[0]
@@ -148,6 +156,21 @@ class MethodSpec:
             )
         check_types(self.params, overrides, prefix=f"{self.name}.")
         return self.params(**overrides)
+
+
+#: ``dataclasses.field`` metadata of a parameter added after runs were recorded: its default
+#: is left out of the record (:func:`params_record`), so those runs keep their fingerprints
+RECORDED_WHEN_SET = {"recorded": "when set"}
+
+
+def params_record(params: Any) -> dict[str, Any]:
+    """``dataclasses.asdict(params)`` without the fields marked :data:`RECORDED_WHEN_SET`
+    that hold their default (the record of a run's method parameters)."""
+    record = dataclasses.asdict(params)
+    for f in dataclasses.fields(params):
+        if f.metadata.get("recorded") == "when set" and record[f.name] == f.default:
+            del record[f.name]
+    return record
 
 
 #: old spellings of parameter values, accepted with a warning for one release

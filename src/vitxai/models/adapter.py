@@ -35,6 +35,20 @@ def cpu_has_native_bf16() -> bool | None:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):  # private helpers: absent in other torch versions
         return None
+
+
+def auto_precision(device: torch.device | str, dtype: torch.dtype = torch.float32) -> Precision:
+    """``precision="auto"``: "bf16" where bfloat16 is native (a CUDA device that supports
+    it, a CPU with AVX512-BF16 or AMX, :func:`cpu_has_native_bf16`) for a float32 model,
+    else "fp32" (emulated bfloat16 is several times slower; docs/environment.md §5)."""
+    device = torch.device(device)
+    if dtype != torch.float32:
+        return "fp32"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
 _PRECISIONS: dict[str, Precision] = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16",
                                      "bfloat16": "bf16"}
 
@@ -123,14 +137,18 @@ class ModelAdapter:
         :func:`cpu_has_native_bf16`).
         It speeds up the methods that evaluate the model many times (perturbation and gradient
         methods); the one shared pass of the attention and LRP methods stays float32 (see
-        :meth:`full_precision`). Aliases: "float32", "bfloat16".
+        :meth:`full_precision`). Aliases: "float32", "bfloat16". "auto" chooses "bf16" where
+        the device computes it natively and "fp32" elsewhere (:func:`auto_precision`); read
+        :attr:`precision` for the choice.
 
         Raises:
             ValueError: an unknown name, or "bf16" on a model that is not float32.
         """
+        if str(precision).lower() == "auto":
+            precision = auto_precision(self.device, self.dtype)
         key = _PRECISIONS.get(str(precision).lower())
         if key is None:
-            raise ValueError(f"precision {precision!r} must be one of 'fp32', 'bf16'")
+            raise ValueError(f"precision {precision!r} must be one of 'fp32', 'bf16', 'auto'")
         if key == "bf16" and self.dtype != torch.float32:
             raise ValueError(f"precision 'bf16' needs a float32 model; this one is {self.dtype}")
         if key == "bf16" and self.device.type == "cpu" and cpu_has_native_bf16() is False:

@@ -313,7 +313,8 @@ def load_model(
         device: where the model runs.
         seed: seeds the random initialisation of a model built without weights, so that
             random-weight runs are reproducible (the global torch RNG is left untouched).
-        precision: "fp32" or "bf16" (bfloat16 autocast forward passes, float32 results), see
+        precision: "fp32", "bf16" (bfloat16 autocast forward passes, float32 results) or "auto"
+            (bf16 where the device computes it natively, else fp32), see
             :meth:`~vitxai.models.adapter.ModelAdapter.set_precision`.
         probe: a linear probe (a file written by ``vitxai probe``, or a
             :class:`~vitxai.models.probe.LinearProbe`) attached as the classifier of a

@@ -6,7 +6,8 @@ Every method here evaluates the model on many masked copies of each image throug
 (``space="pixel"``: by ``baseline``, a colour or baseline image) or, for ViTs, at the token
 level (``space="token"``: a forward hook on ``patch_embed`` swaps the embeddings of masked
 patches for the ``token_baseline`` embedding, keeping the sequence length, see
-:func:`token_masking`). In token space the
+:func:`token_masking`; or, with ``removal="drop"``, masked tokens leave the sequence and each
+forward costs what its kept tokens cost, see :mod:`.removal`). In token space the
 features live on the patch grid: LIME and KernelSHAP use every patch as a feature (instead of
 superpixels), RISE draws its masks on the patch grid, and occlusion slides its window over it;
 maps are then (B, gh, gw) "token" natives, nearest-upsampled so each pixel gets its patch's value.
@@ -37,7 +38,12 @@ methods through the :class:`~vitxai.methods.base.BatchContext` cache.
   ECCV): a pixel's attribution is the mean, over the sliding windows covering it, of
   f(x) − f(x with the window set to the baseline).
 
-Modules: ``tokens`` (token masking, the patch grid), ``engine`` (masks → model scores),
+``n_samples="auto"`` (LIME, KernelSHAP, RISE) samples until the map's estimated standard error
+is small (:mod:`.stopping`); KernelSHAP's ``paired=True`` evaluates each coalition with its
+complement (Covert & Lee 2021, AISTATS).
+
+Modules: ``tokens`` (token masking, the patch grid), ``removal`` (token removal),
+``stopping`` (the sampling rule of ``n_samples="auto"``), ``engine`` (masks → model scores),
 ``segmentation`` (superpixels), ``features`` (LIME's and KernelSHAP's features and their maps),
 and one module per method: ``lime``, ``kernel_shap``, ``rise``, ``occlusion``; importing this
 package registers the four methods. The method functions are reached through the registry
@@ -61,15 +67,18 @@ from vitxai.methods.perturbation.kernel_shap import (
     KernelShapParams,
     constrained_shapley_fit,
     kernel_shap_coalitions,
+    kernel_shap_standard_error,
     shapley_kernel,
 )
 from vitxai.methods.perturbation.lime import (
     LimeParams,
     lime_coalitions,
+    lime_standard_error,
     lime_weights,
     weighted_ridge,
 )
 from vitxai.methods.perturbation.occlusion import OcclusionParams, window_starts
+from vitxai.methods.perturbation.removal import Removal, removal_logits
 from vitxai.methods.perturbation.rise import RiseParams, rise_draws, rise_masks
 from vitxai.methods.perturbation.segmentation import (
     SegmentationParams,
@@ -77,6 +86,7 @@ from vitxai.methods.perturbation.segmentation import (
     segment,
     shared_segments,
 )
+from vitxai.methods.perturbation.stopping import SampleCount, convergence_ratio, sample_until
 from vitxai.methods.perturbation.tokens import TokenBaseline, TokenMask, patch_map, token_masking
 
 __all__ = [
@@ -85,23 +95,30 @@ __all__ = [
     "LimeParams",
     "MaskFn",
     "OcclusionParams",
+    "Removal",
     "RiseParams",
+    "SampleCount",
     "SegmentationParams",
     "Space",
     "TokenBaseline",
     "TokenMask",
     "baseline_colour",
     "constrained_shapley_fit",
+    "convergence_ratio",
     "evaluate_coalitions",
     "evaluate_masks",
     "kernel_shap_coalitions",
+    "kernel_shap_standard_error",
     "lime_coalitions",
+    "lime_standard_error",
     "lime_weights",
     "num_segments",
     "patch_map",
     "patch_segments",
+    "removal_logits",
     "rise_draws",
     "rise_masks",
+    "sample_until",
     "segment",
     "shapley_kernel",
     "shared_segments",

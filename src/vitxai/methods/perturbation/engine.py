@@ -3,7 +3,8 @@
 Every perturbation method evaluates the model through :func:`evaluate_masks` (chunked, batched,
 under ``inference_mode``, memory bounded by ``batch_size`` images). A mask says what is kept; the
 rest is either replaced by a baseline in pixel space (``space="pixel"``: a colour or baseline
-image) or, for ViTs, at the token level (``space="token"``, see :func:`token_masking`).
+image) or, for ViTs, at the token level (``space="token"``: blended towards a baseline
+embedding, :func:`token_masking`, or removed, :mod:`~vitxai.methods.perturbation.removal`).
 :func:`evaluate_coalitions` turns feature coalitions into such masks (LIME, KernelSHAP).
 """
 
@@ -17,6 +18,7 @@ import torch
 
 from vitxai.batching import AdaptiveBatch, default_batch_size, run_chunked
 from vitxai.methods.base import SCORES, Attribution, Cost, Score
+from vitxai.methods.perturbation.removal import Removal, removal_logits, token_embeddings
 from vitxai.methods.perturbation.tokens import TokenBaseline, patch_map, token_masking
 from vitxai.params import check_choice, check_range
 
@@ -74,6 +76,7 @@ def evaluate_masks(
     baseline: torch.Tensor | None = None,
     space: Space = "pixel",
     token_baseline: TokenBaseline = "mean",
+    removal: Removal = "blend",
     score: Score = "probability",
     batch_size: int | None = None,
     valid: torch.Tensor | None = None,
@@ -99,7 +102,13 @@ def evaluate_masks(
         baseline: pixel space only: what masked pixels become, (1 or B, 3, 1 or H, 1 or W)
             pixel values; the masked input is M ⊙ x + (1 − M) ⊙ baseline.
         space: "pixel" or "token" (see :func:`token_masking`).
-        token_baseline: token space only, see :func:`token_masking`.
+        token_baseline: token space only, see :func:`token_masking` (``removal="blend"``).
+        removal: token space only: "blend" (masked tokens become the baseline embedding),
+            "drop" (they leave the sequence; rows are evaluated sorted by how many patches
+            they keep, so a chunk's rows nearly share one length, :func:`sort_by_kept`, in
+            chunks of ``batch_size`` full sequences' worth of tokens, :func:`token_chunk_end`)
+            or "attention_mask" (no token attends to them); see
+            :mod:`vitxai.methods.perturbation.removal`. The last two need bool masks.
         score: "probability" (softmax of the target) or "logit".
         batch_size: images per forward pass; None: :func:`~vitxai.batching.default_batch_size`.
         valid: optional (B, n) bool; rows that are False are not evaluated (used when images
@@ -124,27 +133,33 @@ def evaluate_masks(
     rows = (torch.ones(b, n, dtype=torch.bool) if valid is None else valid.cpu()).nonzero()
     result = torch.full((b, n), float("nan"), dtype=torch.float64)
     size = (images.shape[-2], images.shape[-1])
-    masking = (token_masking(adapter, size, token_baseline) if space == "token"
-               else nullcontext(None))
+    blend = space == "token" and removal == "blend"
+    masking = token_masking(adapter, size, token_baseline) if blend else nullcontext(None)
 
-    def evaluate(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                            torch.Tensor, torch.Tensor]:
-        chunk = rows[lo:hi]
-        bi, ji = chunk[:, 0].to(device), chunk[:, 1].to(device)
-        keep = masks(bi, ji)
-        if tokens is not None:
-            tokens.keep = keep
-            x = images[bi]
-        else:
-            base = baseline[bi] if baseline.shape[0] > 1 else baseline
-            # where() for binary masks so that kept pixels are bit-identical to the input
-            x = (torch.where(keep, images[bi], base) if keep.dtype == torch.bool
-                 else keep * images[bi] + (1 - keep) * base)
-        # Upcast before the softmax: half-precision probabilities near 0 or 1 lose digits.
-        logits = adapter.logits(x).double()
-        if score == "probability":
-            logits = logits.softmax(dim=1)
-        return chunk, bi, ji, keep, logits.gather(1, tgt[bi, None])[:, 0]
+    def evaluate_rows(group: torch.Tensor) -> Callable[[int, int], tuple[torch.Tensor, ...]]:
+        def evaluate(lo: int, hi: int) -> tuple[torch.Tensor, ...]:
+            chunk = group[lo:hi]
+            bi, ji = chunk[:, 0].to(device), chunk[:, 1].to(device)
+            keep = masks(bi, ji)
+            if removal != "blend":
+                if keep.dtype != torch.bool:
+                    raise ValueError(f"removal={removal!r} needs binary (bool) masks")
+                logits = removal_logits(adapter, embedded, keep, removal, bi)
+            elif tokens is not None:
+                tokens.keep = keep
+                logits = adapter.logits(images[bi])
+            else:
+                base = baseline[bi] if baseline.shape[0] > 1 else baseline
+                # where() for binary masks so that kept pixels are bit-identical to the input
+                x = (torch.where(keep, images[bi], base) if keep.dtype == torch.bool
+                     else keep * images[bi] + (1 - keep) * base)
+                logits = adapter.logits(x)
+            # Upcast before the softmax: half-precision probabilities near 0 or 1 lose digits.
+            logits = logits.double()
+            if score == "probability":
+                logits = logits.softmax(dim=1)
+            return chunk, bi, ji, keep, logits.gather(1, tgt[bi, None])[:, 0]
+        return evaluate
 
     def store(_lo: int, _hi: int, out: tuple[torch.Tensor, ...]) -> None:
         # side effects outside the out-of-memory retry, so a retried chunk counts once
@@ -153,9 +168,70 @@ def evaluate_masks(
         if on_chunk is not None:
             on_chunk(bi, ji, keep, y)
 
+    batcher = batcher or AdaptiveBatch(batch_size)
     with torch.inference_mode(), masking as tokens:
-        run_chunked(evaluate, len(rows), batch_size, consume=store, batcher=batcher)
+        # each image embedded once: a coalition's rows gather their kept tokens from it
+        embedded = token_embeddings(adapter, images) if removal != "blend" else None
+        if removal != "drop":
+            run_chunked(evaluate_rows(rows), len(rows), batch_size, consume=store,
+                        batcher=batcher)
+            return result
+        # Rows sorted by kept count, in chunks of about batcher.size full sequences' worth of
+        # tokens: short sequences go many to a forward, so a forward's fixed costs are shared
+        # (attention pooling would read the padding of unequal rows: one count per chunk).
+        rows, kept = sort_by_kept(rows, masks, device)
+        gh, gw = adapter.grid_of(images)
+        full = adapter.num_prefix_tokens + gh * gw
+        pooled = getattr(adapter.model, "attn_pool", None) is not None
+        lo = 0
+        while lo < len(rows):
+            hi = token_chunk_end(kept, lo, batcher.size * full, adapter.num_prefix_tokens,
+                                 same_count=pooled)
+            chunk = AdaptiveBatch(hi - lo)
+            run_chunked(evaluate_rows(rows[lo:hi]), hi - lo, hi - lo, consume=store,
+                        batcher=chunk)
+            if chunk.backoffs:  # out of memory: a smaller token budget from now on
+                batcher.size = max(1, batcher.size * chunk.size // chunk.initial)
+                batcher.backoffs += chunk.backoffs
+            lo = hi
     return result
+
+
+def sort_by_kept(rows: torch.Tensor, masks: MaskFn, device: torch.device,
+                 chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` (R, 2) sorted by how many patches their token masks keep, and those counts
+    (R,) long, ascending.
+
+    Token-space masks are small ((M, gh·gw) bool), so they are built once here to count, and
+    again per evaluated chunk. The sort is stable: rows of one count stay image by image,
+    in order (RISE accumulates per image over consecutive rows).
+    """
+    if not len(rows):
+        return rows, torch.zeros(0, dtype=torch.long)
+    counts = torch.cat([masks(part[:, 0].to(device), part[:, 1].to(device)).sum(1).cpu()
+                        for part in rows.split(chunk)])
+    counts, order = torch.sort(counts, stable=True)
+    return rows[order], counts
+
+
+#: a chunk of token-drop rows pads every row to its longest: at most this many times the
+#: shortest row's length (sorted counts spread out where few rows share a count)
+MAX_PADDING = 1.25
+
+
+def token_chunk_end(kept: torch.Tensor, lo: int, budget: int, prefix: int,
+                    same_count: bool = False) -> int:
+    """End of the chunk of rows sorted by kept count that starts at ``lo``: the most rows
+    whose padded size, rows × (prefix + the chunk's largest count), stays within ``budget``
+    tokens and whose longest row is at most :data:`MAX_PADDING` × the first one's length (at
+    least one row); with ``same_count`` it also stops where the count changes."""
+    stop = min(len(kept), lo + budget // max(prefix, 1) + 1)  # rows of ≥ prefix tokens each
+    ends = torch.arange(lo + 1, stop + 1)
+    width = prefix + kept[lo:stop]
+    fits = ((ends - lo) * width <= budget) & (width <= MAX_PADDING * width[0])
+    if same_count:
+        fits &= kept[lo:stop] == kept[lo]
+    return lo + max(1, int(fits.long().cumprod(0).sum()))  # the leading run that fits
 
 
 def evaluate_coalitions(
@@ -171,6 +247,7 @@ def evaluate_coalitions(
     valid: torch.Tensor | None = None,
     space: Space = "pixel",
     token_baseline: TokenBaseline = "mean",
+    removal: Removal = "blend",
 ) -> torch.Tensor:
     """The model's target score on every coalition of every image (:func:`evaluate_masks`).
 
@@ -187,7 +264,7 @@ def evaluate_coalitions(
         score: "probability" (softmax of the target) or "logit".
         batch_size: images per forward pass; None: :func:`~vitxai.batching.default_batch_size`.
         valid: optional (B, n) bool; rows that are False are not evaluated.
-        space, token_baseline: see :func:`evaluate_masks`.
+        space, token_baseline, removal: see :func:`evaluate_masks`.
 
     Returns:
         (B, n) float64 CPU scores; NaN where ``valid`` is False.
@@ -203,8 +280,8 @@ def evaluate_coalitions(
     colour = (baseline_colour(adapter, baseline).to(device, images.dtype) if space == "pixel"
               else None)
     return evaluate_masks(adapter, images, targets, masks, coalitions.shape[1], baseline=colour,
-                          space=space, token_baseline=token_baseline, score=score,
-                          batch_size=batch_size, valid=valid)
+                          space=space, token_baseline=token_baseline, removal=removal,
+                          score=score, batch_size=batch_size, valid=valid)
 
 
 def grid_attribution(method: str, native: torch.Tensor, space: Space, images: torch.Tensor,

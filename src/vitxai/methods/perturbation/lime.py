@@ -3,7 +3,13 @@
 LIME explains a prediction by switching features (superpixels, or patches in token space) off,
 evaluating the model on many such coalitions, and fitting a linear model of the target score on
 the binary "kept" indicators: Bernoulli(0.5) coalitions, cosine-distance exponential kernel,
-weighted ridge regression.
+weighted ridge regression. ``paired=True`` draws the coalitions in complementary pairs
+(z, 1 − z), antithetic variates (Hammersley & Morton 1956, "A new Monte Carlo technique:
+antithetic variates", Proc. Cambridge Philos. Soc.) as Covert & Lee 2021 use them for
+KernelSHAP: every row is still a Bernoulli(0.5) draw, so the fit estimates the same
+regression, with about half the variance on real models (docs/methods.md).
+``n_samples="auto"`` samples until the estimated standard error of the coefficients is small
+(:mod:`~vitxai.methods.perturbation.stopping`).
 """
 
 from __future__ import annotations
@@ -14,7 +20,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vitxai.methods.base import Attribution, BatchContext, Cost, Score, register_method
+from vitxai.methods.base import (
+    RECORDED_WHEN_SET,
+    Attribution,
+    BatchContext,
+    Cost,
+    Score,
+    register_method,
+)
 from vitxai.methods.perturbation.engine import (
     ColourBaseline,
     Space,
@@ -23,13 +36,25 @@ from vitxai.methods.perturbation.engine import (
     check_space,
     evaluate_coalitions,
 )
-from vitxai.methods.perturbation.features import feature_attribution, feature_segments
+from vitxai.methods.perturbation.features import (
+    check_feature_grid,
+    feature_attribution,
+    feature_segments,
+)
+from vitxai.methods.perturbation.removal import Removal, check_removal, check_token_removal
 from vitxai.methods.perturbation.segmentation import (
     SegmentationParams,
     as_segmentation,
     num_segments,
 )
-from vitxai.methods.perturbation.tokens import TokenBaseline
+from vitxai.methods.perturbation.stopping import (
+    SampleCount,
+    check_stopping,
+    convergence_ratio,
+    sample_until,
+    schedule,
+)
+from vitxai.methods.perturbation.tokens import TokenBaseline, token_vit
 from vitxai.params import check_batch_size, check_range
 
 if TYPE_CHECKING:
@@ -41,7 +66,10 @@ class LimeParams:
     """Parameters of :func:`lime` (defaults as lime_image 0.2.0.1's ``explain_instance``).
 
     Attributes:
-        n_samples: coalitions per image (≥ 2), the first being the unperturbed image.
+        n_samples: coalitions per image (≥ 2), the first being the unperturbed image; "auto":
+            sample in rounds until the coefficients' estimated standard error relative to
+            their range is below ``tolerance``, at most ``max_samples``
+            (:func:`lime_standard_error`).
         batch_size: perturbed images per forward pass (≥ 1); None: 16 on a CPU, 64 on an
             accelerator (:func:`vitxai.batching.default_batch_size`).
         kernel_width: width of the exponential kernel on cosine distance (> 0).
@@ -52,11 +80,23 @@ class LimeParams:
         segmentation: see :class:`SegmentationParams` (pixel space).
         space: "pixel" (superpixels set to ``baseline``) or "token" (ViTs only: every patch
             is a feature and removed patches are masked at the token level).
-        token_baseline: the embedding of masked tokens, "mean" or "zero" (token space), see
-            :func:`token_masking`.
+        token_baseline: the embedding of masked tokens, "mean" or "zero" (token space,
+            ``removal="blend"``), see :func:`token_masking`.
+        removal: token space: "blend" (masked tokens become ``token_baseline``), "drop"
+            (removed from the sequence: cheaper forwards) or "attention_mask"
+            (:mod:`~vitxai.methods.perturbation.removal`).
+        grid: token space: None (every patch a feature) or cells per side of a grid × grid
+            partition of the patch grid, each cell one feature (≥ 1, at most the patch grid;
+            :func:`~vitxai.methods.perturbation.features.patch_segments`): fewer features,
+            fewer samples for the same error.
+        paired: draw coalitions in pairs (z, 1 − z) after the first row (antithetic
+            sampling; each row is still Bernoulli(0.5)), see :func:`lime_coalitions`.
+        tolerance: ``n_samples="auto"``: stop once max_j SE(β_j) / (max β − min β) is below
+            this (> 0).
+        max_samples: ``n_samples="auto"``: coalitions per image at most (≥ 2).
     """
 
-    n_samples: int = 1000
+    n_samples: SampleCount = 1000
     batch_size: int | None = None
     kernel_width: float = 0.25
     alpha: float = 1.0
@@ -65,15 +105,22 @@ class LimeParams:
     segmentation: SegmentationParams = field(default_factory=SegmentationParams)
     space: Space = "pixel"
     token_baseline: TokenBaseline = "mean"
+    removal: Removal = field(default="blend", metadata=RECORDED_WHEN_SET)
+    grid: int | None = field(default=None, metadata=RECORDED_WHEN_SET)
+    paired: bool = field(default=False, metadata=RECORDED_WHEN_SET)
+    tolerance: float = field(default=0.05, metadata=RECORDED_WHEN_SET)
+    max_samples: int = field(default=4000, metadata=RECORDED_WHEN_SET)
 
     def __post_init__(self) -> None:
-        check_range("n_samples", self.n_samples, 2, None)
+        check_stopping(self.n_samples, self.tolerance, self.max_samples, 2)
         check_batch_size("batch_size", self.batch_size)
         check_range("kernel_width", self.kernel_width, 0, None, low_open=True)
         check_range("alpha", self.alpha, 0, None)
         check_score(self.score)
         check_colour_baseline(self.baseline)
         check_space(self.space, self.token_baseline)
+        check_removal(self.removal, self.space)
+        check_feature_grid(self.grid, self.space)
         object.__setattr__(self, "segmentation", as_segmentation(self.segmentation))
 
 
@@ -112,17 +159,24 @@ def weighted_ridge(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
     return coef, intercept
 
 
-def lime_coalitions(context: BatchContext, counts: torch.Tensor, n_samples: int) -> torch.Tensor:
+def lime_coalitions(context: BatchContext, counts: torch.Tensor, n_samples: int,
+                    paired: bool = False) -> torch.Tensor:
     """(B, n_samples, S_max) bool: Bernoulli(0.5) rows, the first all ones, padding False.
 
     Drawn per image from ``context.generator(i, "lime")``, so each image's coalitions do not
-    depend on the rest of the batch.
+    depend on the rest of the batch. ``paired``: rows 1 + 2i and 2 + 2i are complements
+    (z, 1 − z) (an even count drops the last complement).
     """
     s_max = int(counts.max())
     z = torch.zeros(len(counts), n_samples, s_max, dtype=torch.bool)
     for i, s in enumerate(counts.tolist()):
         g = context.generator(i, "lime")
-        z[i, :, :s] = torch.randint(0, 2, (n_samples, s), generator=g).bool()
+        if paired:
+            half = torch.randint(0, 2, (n_samples // 2, s), generator=g).bool()
+            rows = torch.stack([half, ~half], dim=1).reshape(-1, s)[:n_samples - 1]
+            z[i, 1:, :s] = rows
+        else:
+            z[i, :, :s] = torch.randint(0, 2, (n_samples, s), generator=g).bool()
         z[i, 0, :s] = True
     return z
 
@@ -158,14 +212,88 @@ def lime(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
     feature selection is done. ``native`` holds the (B, S_max) NaN-padded superpixel
     coefficients, or the (B, gh, gw) patch coefficients in token space.
     """
+    if params.space == "token":
+        check_token_removal(token_vit(adapter, "lime"), params.removal, "lime")
     segments = feature_segments(adapter, images, context, "lime", params.space,
-                                params.segmentation)
+                                params.segmentation, params.grid)
     counts = num_segments(segments)
-    z = lime_coalitions(context, counts, params.n_samples)
-    y = evaluate_coalitions(adapter, images, segments, z, targets, baseline=params.baseline,
-                            score=params.score, batch_size=params.batch_size,
-                            space=params.space, token_baseline=params.token_baseline)
+    auto = params.n_samples == "auto"
+    z = lime_coalitions(context, counts, params.max_samples if auto else params.n_samples,
+                        params.paired)
+
+    def evaluate(valid: torch.Tensor | None = None) -> torch.Tensor:
+        return evaluate_coalitions(adapter, images, segments, z, targets,
+                                   baseline=params.baseline, score=params.score,
+                                   batch_size=params.batch_size, valid=valid,
+                                   space=params.space, token_baseline=params.token_baseline,
+                                   removal=params.removal)
+
     w = lime_weights(z, counts, params.kernel_width)
-    coef, _ = weighted_ridge(z.double(), y, w, params.alpha)
-    return feature_attribution("lime", coef, segments, counts, params.space, images, targets,
-                               Cost(forward=params.n_samples))
+    if not auto:
+        coef, _ = weighted_ridge(z.double(), evaluate(), w, params.alpha)
+        return feature_attribution("lime", coef, segments, counts, params.space, images,
+                                   targets, Cost(forward=params.n_samples))
+    y = torch.full(z.shape[:2], math.nan, dtype=torch.float64)
+
+    def evaluate_round(active: torch.Tensor, lo: int, hi: int) -> None:
+        rows = torch.zeros(z.shape[:2], dtype=torch.bool)
+        rows[active, lo:hi] = True
+        y[rows] = evaluate(rows)[rows]
+
+    def estimate(active: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, yy, ww = z[active, :n].double(), y[active, :n], w[active, :n]
+        coef, intercept = weighted_ridge(x, yy, ww, params.alpha)
+        se = lime_standard_error(x, yy, ww, params.alpha, coef, intercept, counts[active],
+                                 params.paired)
+        real = torch.arange(z.shape[2])[None] < counts[active, None]
+        return coef, convergence_ratio(coef, se, real)
+
+    first = max(64, 2 * int(counts.max())) | int(params.paired)  # odd: whole pairs
+    coef, ratio, used = sample_until(len(counts), schedule(first, params.max_samples,
+                                                           2 if params.paired else 1),
+                                     evaluate_round, estimate, params.tolerance)
+    result = feature_attribution("lime", coef, segments, counts, params.space, images, targets,
+                                 Cost(forward=math.ceil(int(used.sum()) / len(used))))
+    result.standard_error, result.evaluations = ratio, used
+    return result
+
+
+def lime_standard_error(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, alpha: float,
+                        coef: torch.Tensor, intercept: torch.Tensor, counts: torch.Tensor,
+                        paired: bool = False) -> torch.Tensor:
+    """Estimated standard errors of LIME's coefficients, (A, p) float64 (0 on padding).
+
+    The delta-method (sandwich) estimate for weighted ridge regression (White 1980, "A
+    Heteroskedasticity-Consistent Covariance Matrix Estimator", Econometrica): with centred
+    coalitions x̃_i, H = Σ_i w_i x̃_i x̃_iᵀ + αI and residuals r_i, one coalition moves the
+    coefficients by H⁻¹ x̃_i w_i r_i, so Var β_j ≈ Σ_i (H⁻¹ x̃_i w_i r_i)_j², scaled by
+    U / (U − S) for U independent units (HC1: the residuals are partly fitted away; the units
+    are the rows, or with ``paired`` the first row and the pairs, whose moves add up before
+    squaring); inf while U ≤ S. It measures the
+    sampling noise of the fit, not the ridge's shrinkage. Over repeated draws it matches the
+    spread of the fitted coefficients (tests/test_tokendrop.py), at the cost of one S × S
+    solve per round, where a bootstrap over coalitions would refit n × S problems per
+    resample.
+
+    Args:
+        x: (A, n, p) coalitions. y: (A, n) scores. w: (A, n) kernel weights. alpha: ridge
+            penalty. coef, intercept: the fit (:func:`weighted_ridge`). counts: (A,) S_a.
+        paired: rows 1 + 2i and 2 + 2i are pairs (:func:`lime_coalitions`).
+    """
+    se = torch.zeros_like(coef)
+    n = x.shape[1]
+    units = 1 + n // 2 if paired else n  # row 0, then ⌈(n − 1)/2⌉ pairs
+    for a, s in enumerate(counts.tolist()):
+        if units <= s:
+            se[a, :s] = math.inf
+            continue
+        xa, wa = x[a, :, :s], w[a]
+        centred = xa - (wa[:, None] * xa).sum(0) / wa.sum()
+        r = y[a] - intercept[a] - xa @ coef[a, :s]
+        h = centred.T @ (wa[:, None] * centred) + alpha * torch.eye(s, dtype=xa.dtype)
+        moves = torch.linalg.solve(h, (centred * (wa * r)[:, None]).T)  # (S, n)
+        if paired:  # the first row, then pairs; a trailing unpaired row is its own unit
+            body = moves[:, 1:1 + 2 * ((n - 1) // 2)].reshape(s, -1, 2).sum(-1)
+            moves = torch.cat([moves[:, :1], body, moves[:, 1 + body.shape[1] * 2:]], dim=1)
+        se[a, :s] = ((moves**2).sum(1) * units / (units - s)).sqrt()
+    return se

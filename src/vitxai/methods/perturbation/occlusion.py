@@ -9,12 +9,19 @@ patch grid.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from vitxai.methods.base import Attribution, BatchContext, Cost, Score, register_method
+from vitxai.methods.base import (
+    RECORDED_WHEN_SET,
+    Attribution,
+    BatchContext,
+    Cost,
+    Score,
+    register_method,
+)
 from vitxai.methods.perturbation.engine import (
     ColourBaseline,
     Space,
@@ -25,6 +32,7 @@ from vitxai.methods.perturbation.engine import (
     evaluate_masks,
     grid_attribution,
 )
+from vitxai.methods.perturbation.removal import Removal, check_removal, check_token_removal
 from vitxai.methods.perturbation.tokens import TokenBaseline, token_vit
 from vitxai.params import check_batch_size, check_range
 
@@ -50,7 +58,11 @@ class OcclusionParams:
             occluded patches are masked at the token level; window and stride are snapped to
             the grid, the window up to whole patches and the stride down to at least one
             patch, so (16, 8) on 16-pixel patches is a one-patch window with a one-patch step).
-        token_baseline: the embedding of occluded tokens, "mean" or "zero" (token space).
+        token_baseline: the embedding of occluded tokens, "mean" or "zero" (token space,
+            ``removal="blend"``).
+        removal: token space: "blend" (occluded tokens become ``token_baseline``), "drop"
+            (removed from the sequence) or "attention_mask"
+            (:mod:`~vitxai.methods.perturbation.removal`).
     """
 
     window: int = 16
@@ -60,6 +72,7 @@ class OcclusionParams:
     score: Score = "probability"
     space: Space = "pixel"
     token_baseline: TokenBaseline = "mean"
+    removal: Removal = field(default="blend", metadata=RECORDED_WHEN_SET)
 
     def __post_init__(self) -> None:
         check_range("window", self.window, 1, None)
@@ -68,6 +81,7 @@ class OcclusionParams:
         check_batch_size("batch_size", self.batch_size)
         check_score(self.score)
         check_space(self.space, self.token_baseline)
+        check_removal(self.removal, self.space)
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -111,6 +125,7 @@ def occlusion(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor
         window, stride = (params.window,) * 2, (params.stride,) * 2
     else:
         vit = token_vit(adapter, "occlusion")
+        check_token_removal(vit, params.removal, "occlusion")
         size = vit.grid_of(images)
         window = tuple(math.ceil(params.window / q) for q in vit.patch_size)
         stride = tuple(max(1, params.stride // q) for q in vit.patch_size)
@@ -126,7 +141,8 @@ def occlusion(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor
     colour = baseline_colour(adapter, params.baseline).to(device, images.dtype) if pixel else None
     y = evaluate_masks(adapter, images, targets, masks, 1 + nr * nc, baseline=colour,
                        space=params.space, token_baseline=params.token_baseline,
-                       score=params.score, batch_size=params.batch_size)
+                       removal=params.removal, score=params.score,
+                       batch_size=params.batch_size)
     drop = (y[:, :1] - y[:, 1:]).view(-1, nr, nc)
     r, c = rows.cpu().double(), cols.cpu().double()
     # windows form a product grid: Σ over covering windows = Rᵀ·D·C, their count = (Rᵀ1)(Cᵀ1)
