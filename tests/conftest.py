@@ -9,9 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
-from vitxai.models import adapt
+from vitxai.models import ModelAdapter, adapt
 
+#: normalisation of the hand-built models of the perturbation tests (linear_adapter, ...)
+MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
 TINY_CFG = {"input_size": (3, 32, 32), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3),
             "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
 
@@ -48,3 +51,20 @@ def vit():
 @pytest.fixture
 def vit64():
     return tiny_vit(dtype=torch.float64)
+
+
+def linear_adapter(size: int, seed: int = 1) -> ModelAdapter:
+    """float64 model whose logits (4 classes) are linear in the pixels of size × size images."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 4)).double()
+    return ModelAdapter(model, MEAN, STD, (size, size), "linear")
+
+
+def block_images(n: int, grid: int, size: int = 32, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, 3, size, size) images of grid×grid flat colour blocks plus faint noise (SLIC
+    finds about one superpixel per block)."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.rand(n, 3, grid, grid, generator=g)
+    image = nn.functional.interpolate(colours, size=(size, size), mode="nearest")
+    return (image + 0.02 * torch.rand(image.shape, generator=g)).clamp(0, 1).to(dtype)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import MEAN, STD, block_images
 from torch import nn
 
 import vitxai.methods.perturbation as P
@@ -17,15 +18,6 @@ from vitxai.methods.base import BatchContext, attribute, get_method
 from vitxai.models.adapter import ModelAdapter, ViTAdapter
 
 SIZE = 32
-MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
-
-
-def blocks(seed: int, grid: int) -> torch.Tensor:
-    """(1, 3, SIZE, SIZE) image of grid×grid flat colour blocks plus faint noise."""
-    g = torch.Generator().manual_seed(seed)
-    colours = torch.rand(1, 3, grid, grid, generator=g)
-    image = nn.functional.interpolate(colours, size=(SIZE, SIZE), mode="nearest")
-    return (image + 0.02 * torch.rand(image.shape, generator=g)).clamp(0, 1)
 
 
 def slic(n: int) -> P.SegmentationParams:
@@ -53,7 +45,7 @@ def linear() -> ModelAdapter:
 @pytest.fixture(scope="module")
 def batch() -> torch.Tensor:
     """Three images with different superpixel counts (exercises the NaN padding)."""
-    return torch.cat([blocks(0, 4), blocks(1, 3), blocks(2, 2)])
+    return torch.cat([block_images(1, grid, SIZE, seed=i) for i, grid in enumerate((4, 3, 2))])
 
 
 def additive_contributions(adapter: ModelAdapter, image: torch.Tensor, segments: torch.Tensor,
@@ -153,7 +145,7 @@ def test_methods_deterministic(vit, batch) -> None:
 
 @pytest.mark.parametrize("baseline", ["mean", "black", 0.3])
 def test_additive_model_recovered(linear, baseline) -> None:
-    image = blocks(5, 4).double()
+    image = block_images(1, 4, SIZE, seed=5).double()
     target = 3
     seg_params = slic(16)
     segments = P.segment(image, seg_params)
@@ -202,7 +194,7 @@ def test_enumerated_fit_is_exact_shapley_of_any_game() -> None:
 
 
 def test_kernel_shap_exact_on_vit_when_enumerating(vit) -> None:
-    image = blocks(3, 2)
+    image = block_images(1, 2, SIZE, seed=3)
     seg_params = slic(4)
     result = attribute("kernel_shap", vit, image, 2, n_samples=64, segmentation=seg_params)
     segments = result.segments

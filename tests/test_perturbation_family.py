@@ -7,27 +7,18 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import images_for, tiny_vit
+from conftest import MEAN, STD, images_for, linear_adapter, tiny_vit
 from torch import nn
 
 import vitxai.methods.perturbation as P
 from vitxai.methods.base import BatchContext, attribute, get_method
 from vitxai.models.adapter import ModelAdapter, ViTAdapter
 
-MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
-
 
 @pytest.fixture(scope="module")
 def vit64() -> ViTAdapter:
     """float64 tiny ViT: 32×32 images, 8-pixel patches, a 4×4 token grid."""
     return tiny_vit(dtype=torch.float64)
-
-
-def linear_adapter(size: int, seed: int = 1) -> ModelAdapter:
-    """float64 model whose logits are linear in the pixels."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 4)).double()
-    return ModelAdapter(model, MEAN, STD, (size, size), "linear")
 
 
 class RegionMean(nn.Module):

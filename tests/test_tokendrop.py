@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import images_for, tiny_vit
+from conftest import MEAN, STD, block_images, images_for, linear_adapter, tiny_vit
 from safetensors.torch import load_file
 from torch import nn
 
@@ -19,7 +19,6 @@ from vitxai.methods.perturbation.removal import removal_logits, token_embeddings
 from vitxai.models.adapter import ModelAdapter, ViTAdapter, cpu_has_native_bf16
 
 GOLDEN = Path(__file__).parent / "golden" / "token_blend.safetensors"
-MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.3, 0.25)
 #: token-space settings recorded in GOLDEN by the code before ``removal`` existed (a9cd1b4)
 BLEND = {"lime": {"n_samples": 40}, "kernel_shap": {"n_samples": 40},
          "rise": {"n_samples": 24, "grid": 2}, "occlusion": {"window": 8, "stride": 8}}
@@ -34,16 +33,6 @@ def vit() -> ViTAdapter:
 @pytest.fixture(scope="module")
 def vit64() -> ViTAdapter:
     return tiny_vit(reg_tokens=2, dtype=torch.float64)
-
-
-def blocks(n: int, grid: int, size: int = 32, seed: int = 0,
-           dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(n, 3, size, size) images of grid×grid flat colour blocks plus faint noise (SLIC
-    finds about one superpixel per block)."""
-    g = torch.Generator().manual_seed(seed)
-    colours = torch.rand(n, 3, grid, grid, generator=g)
-    image = nn.functional.interpolate(colours, size=(size, size), mode="nearest")
-    return (image + 0.02 * torch.rand(image.shape, generator=g)).clamp(0, 1).to(dtype)
 
 
 def random_keep(m: int, n: int, k: int | None, seed: int = 0) -> torch.Tensor:
@@ -361,7 +350,7 @@ class Quadratic(nn.Module):
 
 def test_paired_kernel_shap_exact_end_to_end() -> None:
     adapter = ModelAdapter(Quadratic(16), MEAN, STD, (16, 16), "quadratic")
-    x = blocks(1, 4, size=16, dtype=torch.float64)
+    x = block_images(1, 4, size=16, dtype=torch.float64)
     seg = P.SegmentationParams(algorithm="slic", n_segments=14)
     kw = dict(score="logit", segmentation=seg)
     exact = attribute("kernel_shap", adapter, x, 1, n_samples=2**16, **kw)
@@ -374,12 +363,6 @@ def test_paired_kernel_shap_exact_end_to_end() -> None:
 
 
 # ------------------------------------------------------------------------------- auto
-
-
-def linear_adapter(size: int) -> ModelAdapter:
-    torch.manual_seed(1)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 4)).double()
-    return ModelAdapter(model, MEAN, STD, (size, size), "linear")
 
 
 class Wiggly(nn.Module):
@@ -404,7 +387,7 @@ def test_auto_stops_earlier_on_an_easy_model(method, kw, tolerance, budget) -> N
     kw = dict(kw, n_samples="auto", tolerance=tolerance, max_samples=budget, score="logit")
     if method != "rise":
         kw["segmentation"] = P.SegmentationParams(algorithm="slic", n_segments=9)
-    x = blocks(2, 3, dtype=torch.float64)
+    x = block_images(2, 3, dtype=torch.float64)
     easy = attribute(method, linear_adapter(32), x, [1, 2], **kw)
     hard = attribute(method, ModelAdapter(Wiggly(32), MEAN, STD, (32, 32), "wiggly"), x,
                      [1, 2], **kw)
@@ -420,7 +403,7 @@ def test_auto_stops_earlier_on_an_easy_model(method, kw, tolerance, budget) -> N
 
 
 def test_auto_enumerates_small_games_exactly(vit64) -> None:
-    x = blocks(1, 2, dtype=torch.float64)
+    x = block_images(1, 2, dtype=torch.float64)
     seg = P.SegmentationParams(algorithm="slic", n_segments=4)
     auto = attribute("kernel_shap", vit64, x, 1, n_samples="auto", segmentation=seg)
     s = int(P.num_segments(auto.segments)[0])

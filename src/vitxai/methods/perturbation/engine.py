@@ -188,8 +188,7 @@ def evaluate_masks(
             hi = token_chunk_end(kept, lo, batcher.size * full, adapter.num_prefix_tokens,
                                  same_count=pooled)
             chunk = AdaptiveBatch(hi - lo)
-            run_chunked(evaluate_rows(rows[lo:hi]), hi - lo, hi - lo, consume=store,
-                        batcher=chunk)
+            chunk.run(evaluate_rows(rows[lo:hi]), hi - lo, consume=store)
             if chunk.backoffs:  # out of memory: a smaller token budget from now on
                 batcher.size = max(1, batcher.size * chunk.size // chunk.initial)
                 batcher.backoffs += chunk.backoffs

@@ -58,7 +58,9 @@ from vitxai.methods.perturbation.stopping import (
     check_stopping,
     convergence_ratio,
     sample_until,
+    sandwich_standard_error,
     schedule,
+    unit_count,
 )
 from vitxai.methods.perturbation.tokens import TokenBaseline, token_vit
 from vitxai.params import check_batch_size, check_choice
@@ -265,19 +267,14 @@ def kernel_shap_standard_error(z: torch.Tensor, y: torch.Tensor, weights: torch.
             continue  # exact, or nothing sampled
         n = int(sampled.sum())
         rows, w = z[i, 2:2 + n, :s].double(), w[:n]
-        units = (n + 1) // 2 if paired else n
-        if units <= s - 1:
+        if unit_count(n, paired) <= s - 1:
             se[i, :s] = math.inf
             continue
         centre = torch.eye(s, dtype=torch.float64) - 1.0 / s
         a = rows @ centre
         r = y[i, 2:2 + n] - y[i, 0] - rows @ phi[i, :s]
         q = centre @ torch.linalg.pinv(a.T @ (w[:, None] * a), hermitian=True) @ a.T  # (S, n)
-        moves = q * (w * r)[None]
-        if paired:  # a trailing unpaired row is its own unit
-            moves = torch.cat([moves[:, :n - n % 2].view(s, -1, 2).sum(-1),
-                               moves[:, n - n % 2:]], dim=1)
-        se[i, :s] = ((moves**2).sum(1) * units / (units - s + 1)).sqrt()
+        se[i, :s] = sandwich_standard_error(q * (w * r)[None], paired, s - 1)
     return se
 
 

@@ -52,7 +52,9 @@ from vitxai.methods.perturbation.stopping import (
     check_stopping,
     convergence_ratio,
     sample_until,
+    sandwich_standard_error,
     schedule,
+    unit_count,
 )
 from vitxai.methods.perturbation.tokens import TokenBaseline, token_vit
 from vitxai.params import check_batch_size, check_range
@@ -269,11 +271,11 @@ def lime_standard_error(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, alpha
     coefficients by H⁻¹ x̃_i w_i r_i, so Var β_j ≈ Σ_i (H⁻¹ x̃_i w_i r_i)_j², scaled by
     U / (U − S) for U independent units (HC1: the residuals are partly fitted away; the units
     are the rows, or with ``paired`` the first row and the pairs, whose moves add up before
-    squaring); inf while U ≤ S. It measures the
-    sampling noise of the fit, not the ridge's shrinkage. Over repeated draws it matches the
-    spread of the fitted coefficients (tests/test_tokendrop.py), at the cost of one S × S
-    solve per round, where a bootstrap over coalitions would refit n × S problems per
-    resample.
+    squaring; :func:`~vitxai.methods.perturbation.stopping.sandwich_standard_error`); inf
+    while U ≤ S. It measures the sampling noise of the fit, not the ridge's shrinkage. Over
+    repeated draws it matches the spread of the fitted coefficients (tests/test_tokendrop.py),
+    at the cost of one S × S solve per round, where a bootstrap over coalitions would refit
+    n × S problems per resample.
 
     Args:
         x: (A, n, p) coalitions. y: (A, n) scores. w: (A, n) kernel weights. alpha: ridge
@@ -282,7 +284,7 @@ def lime_standard_error(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, alpha
     """
     se = torch.zeros_like(coef)
     n = x.shape[1]
-    units = 1 + n // 2 if paired else n  # row 0, then ⌈(n − 1)/2⌉ pairs
+    units = unit_count(n, paired, single=1)  # row 0 is unpaired
     for a, s in enumerate(counts.tolist()):
         if units <= s:
             se[a, :s] = math.inf
@@ -292,8 +294,5 @@ def lime_standard_error(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, alpha
         r = y[a] - intercept[a] - xa @ coef[a, :s]
         h = centred.T @ (wa[:, None] * centred) + alpha * torch.eye(s, dtype=xa.dtype)
         moves = torch.linalg.solve(h, (centred * (wa * r)[:, None]).T)  # (S, n)
-        if paired:  # the first row, then pairs; a trailing unpaired row is its own unit
-            body = moves[:, 1:1 + 2 * ((n - 1) // 2)].reshape(s, -1, 2).sum(-1)
-            moves = torch.cat([moves[:, :1], body, moves[:, 1 + body.shape[1] * 2:]], dim=1)
-        se[a, :s] = ((moves**2).sum(1) * units / (units - s)).sqrt()
+        se[a, :s] = sandwich_standard_error(moves, paired, s, single=1)
     return se

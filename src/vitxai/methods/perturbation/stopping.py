@@ -79,6 +79,33 @@ def convergence_ratio(values: torch.Tensor, se: torch.Tensor,
     return torch.where(worst == 0, torch.zeros_like(worst), worst / spread)
 
 
+def unit_count(n: int, paired: bool, single: int = 0) -> int:
+    """Independent units among n sampled rows: the rows, or with ``paired`` the first
+    ``single`` rows alone and then pairs (z, 1 − z), a trailing unpaired row alone."""
+    return single + math.ceil((n - single) / 2) if paired else n
+
+
+def sandwich_standard_error(moves: torch.Tensor, paired: bool, fitted: int,
+                            single: int = 0) -> torch.Tensor:
+    """(S,) standard errors of a regression's S estimates from each sampled row's effect on
+    them, ``moves`` (S, n) (the delta-method, or sandwich, estimate; White 1980, "A
+    Heteroskedasticity-Consistent Covariance Matrix Estimator", Econometrica).
+
+    The moves add up within a unit (:func:`unit_count`: rows, or pairs of paired sampling,
+    whose residuals are correlated by design) before squaring: Var ≈ Σ_u (Σ_{i∈u} move_i)²,
+    scaled by U / (U − ``fitted``) for U units (HC1: the residuals are partly fitted away).
+    The caller returns inf instead while U ≤ ``fitted``.
+    """
+    n = moves.shape[1]
+    if paired:
+        end = single + 2 * ((n - single) // 2)
+        moves = torch.cat([moves[:, :single],
+                           moves[:, single:end].reshape(len(moves), -1, 2).sum(-1),
+                           moves[:, end:]], dim=1)
+    units = moves.shape[1]
+    return ((moves**2).sum(1) * units / (units - fitted)).sqrt()
+
+
 def sample_until(
     n_images: int,
     counts: list[int],
