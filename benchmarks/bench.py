@@ -98,10 +98,15 @@ class Settings:
     token_grid: int | None = None  # --token-grid: the tokens section's feature cells per side
     token_samples: dict[str, int] = field(default_factory=dict)  # --token-samples
     sampling: str = "kernel"  # --sampling: KernelSHAP's coalition sampling in those rows
+    lime_sampling: str = "bernoulli"  # --lime-sampling: LIME's, likewise
     other_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # defaults
     memory_params: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "lime": {"n_samples": 100}, "kernel_shap": {"n_samples": 100},
         "integrated_gradients": {"steps": 10}, "gradient_shap": {"n_samples": 10}})
+
+    def sampling_of(self, method: str) -> str:
+        """The coalition sampling of ``method``'s equal-error and tokens rows."""
+        return self.lime_sampling if method == "lime" else self.sampling
 
     @classmethod
     def quick(cls) -> Settings:
@@ -166,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "for the token estimators, from benchmarks/convergence.py)")
     p.add_argument("--sampling", default="kernel", choices=("kernel", "leverage"),
                    help="KernelSHAP's sampling in the --equal-error and tokens rows")
+    p.add_argument("--lime-sampling", default="bernoulli", choices=("bernoulli", "orthogonal"),
+                   help="LIME's sampling in the --equal-error and tokens rows")
     p.add_argument("--memory-images", default=None,
                    help="N,2N images for the streamed-memory check (default: --images and "
                         "twice that)")
@@ -516,8 +523,9 @@ def run_vitxai(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
     for name, samples in s.equal_error.items():  # the counts of equal error (convergence.py)
         if not wanted(name):
             continue
-        params = {"n_samples": samples, **fast_options(name, s.sampling)}
-        records.append(measure(Record(equal_row(name, samples, s.sampling), "vitxai", name,
+        params = {"n_samples": samples, **fast_options(name, s.sampling_of(name))}
+        records.append(measure(Record(equal_row(name, samples, s.sampling_of(name)), "vitxai",
+                                      name,
                                       {**params, "batch_size": bs}, "forward", samples),
                                adapter, n, method(name, **params), s.repeats))
     if wanted("integrated_gradients"):
@@ -585,11 +593,11 @@ def run_attention(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Te
 
 
 def fast_options(method: str, sampling: str) -> dict[str, Any]:
-    """The sampling options of the equal-error and tokens rows: paired coalitions, and
-    KernelSHAP's ``--sampling``."""
-    if method == "lime":
-        return {"paired": True}
-    return {"paired": True, **({} if sampling == "kernel" else {"sampling": sampling})}
+    """The sampling options of the equal-error and tokens rows: paired coalitions, and the
+    method's ``sampling`` (KernelSHAP's ``--sampling``, LIME's ``--lime-sampling``) unless it
+    is the method's default."""
+    default = "bernoulli" if method == "lime" else "kernel"
+    return {"paired": True, **({} if sampling == default else {"sampling": sampling})}
 
 
 def row_tag(method: str, sampling: str) -> str:
@@ -620,13 +628,14 @@ def run_tokens(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
             continue
         for samples in dict.fromkeys([s.samples, s.token_samples.get(method, s.samples)]):
             params = {"space": "token", "removal": "drop", "n_samples": samples,
-                      **fast_options(method, s.sampling),
+                      **fast_options(method, s.sampling_of(method)),
                       **({} if s.token_grid is None else {"grid": s.token_grid})}
 
             def run(method: str = method, params: dict[str, Any] = params) -> dict[str, Any]:
                 r = attribute(method, adapter, images, targets, **params)
                 return {"cost": {"forward": r.cost.forward, "backward": r.cost.backward}}
-            records.append(measure(Record(token_row(method, samples, s.token_grid, s.sampling),
+            records.append(measure(Record(token_row(method, samples, s.token_grid,
+                                                    s.sampling_of(method)),
                                           "vitxai",
                                           method, params, "forward", samples),
                                    adapter, n, run, s.repeats))
@@ -949,7 +958,8 @@ def goals(records: list[Record], ups: list[dict[str, Any]], s: Settings,
         ratio = r.extra.get("ratio_to_floor") if r and gradient_ok else None
         out[f"{method} within 1.2× of the floor"] = None if ratio is None else ratio <= 1.2
     for method in ("lime", "kernel_shap"):  # token removal at equal samples (tokens section)
-        pixel, drop = rec(method), rec(token_row(method, s.samples, s.token_grid, s.sampling))
+        pixel, drop = rec(method), rec(token_row(method, s.samples, s.token_grid,
+                                                 s.sampling_of(method)))
         if pixel is not None and drop is not None and not quick:
             speedup = pixel.per_image / drop.per_image
             out[f"{method} token drop ≥2× faster than pixel at {s.samples} samples"] = (
@@ -957,10 +967,11 @@ def goals(records: list[Record], ups: list[dict[str, Any]], s: Settings,
             out[f"{method} token drop speed-up over pixel"] = round(speedup, 2)
         refs = {"lime": ("lime_image:lime_image batch 10", "captum:Lime ppe 1"),
                 "kernel_shap": ("captum:KernelShap ppe 1",)}[method]
-        rows = ([equal_row(method, s.equal_error[method], s.sampling)]
+        rows = ([equal_row(method, s.equal_error[method], s.sampling_of(method))]
                 if method in s.equal_error else [])
         if method in s.token_samples:
-            rows.append(token_row(method, s.token_samples[method], s.token_grid, s.sampling))
+            rows.append(token_row(method, s.token_samples[method], s.token_grid,
+                                  s.sampling_of(method)))
         for row, ref in itertools.product(rows, refs if perturbation_ok else ()):
             x = up(row, ref)
             out[f"{row} ≥5× faster than {ref} at 1000"] = None if x is None else x >= 5
@@ -1039,7 +1050,8 @@ def main(argv: list[str] | None = None) -> int:
         s.equal_error = counts_arg(args.equal_error)
     if args.token_samples:
         s.token_samples = counts_arg(args.token_samples)
-    s.token_grid, s.sampling = args.token_grid, args.sampling
+    s.token_grid, s.sampling, s.lime_sampling = (args.token_grid, args.sampling,
+                                                 args.lime_sampling)
     n = args.images or (1 if args.quick else 2)
     if args.memory_images:
         a, b = (int(v) for v in args.memory_images.split(","))

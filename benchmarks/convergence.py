@@ -9,8 +9,8 @@ seed): 1 − Spearman ρ over the features, and the normalised L2 distance
 - vitxai KernelSHAP on quickshift superpixels (pixel space), plain, paired
   (``paired=True``) and paired with leverage sampling (``sampling="leverage"``), and on patch
   tokens with ``removal="drop"``, paired;
-- vitxai LIME on superpixels, plain and paired (``paired=True``), and on tokens with
-  ``removal="drop"``;
+- vitxai LIME on superpixels, plain, paired (``paired=True``) and paired from orthogonal
+  arrays (``sampling="orthogonal"``), and on tokens with ``removal="drop"``;
 - both on tokens with ``removal="drop"`` and ``grid=7`` (7 × 7 cells of 2 × 2 patches: 49
   features, about as many as the superpixels), in float32 and in bf16 (the bf16 runs are
   compared with the float32 reference, so their error includes bf16's own);
@@ -29,6 +29,7 @@ and their actual error. Writes a JSON, a markdown table and a plot.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -57,6 +58,10 @@ ESTIMATORS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("vitxai LIME pixel", "vitxai", "lime", {}),
     ("vitxai LIME pixel paired", "vitxai", "lime", {"paired": True}),
     ("vitxai LIME pixel paired bf16", "vitxai", "lime", {"paired": True, "precision": "bf16"}),
+    ("vitxai LIME pixel paired orthogonal", "vitxai", "lime",
+     {"paired": True, "sampling": "orthogonal"}),
+    ("vitxai LIME pixel paired orthogonal bf16", "vitxai", "lime",
+     {"paired": True, "sampling": "orthogonal", "precision": "bf16"}),
     ("vitxai KernelSHAP pixel paired leverage bf16", "vitxai", "kernel_shap",
      {"paired": True, "sampling": "leverage", "precision": "bf16"}),
     ("vitxai LIME token drop", "vitxai", "lime", {"space": "token", "removal": "drop"}),
@@ -84,6 +89,8 @@ REFERENCE_OF = {"vitxai KernelSHAP pixel": "vitxai KernelSHAP pixel paired",
                 # paired LIME estimates the same regression (every row is Bernoulli(½))
                 "vitxai LIME pixel paired": "vitxai LIME pixel",
                 "vitxai LIME pixel paired bf16": "vitxai LIME pixel",
+                "vitxai LIME pixel paired orthogonal": "vitxai LIME pixel",
+                "vitxai LIME pixel paired orthogonal bf16": "vitxai LIME pixel",
                 "vitxai LIME token drop paired grid 7 bf16": "vitxai LIME token drop grid 7",
                 "vitxai KernelSHAP token drop paired leverage grid 7 bf16":
                     "vitxai KernelSHAP token drop paired grid 7",
@@ -192,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--estimators", default="",
                    help="comma-separated labels to run (default all)")
     p.add_argument("--no-auto", action="store_true", help="skip the n_samples='auto' runs")
+    p.add_argument("--draws", type=int, default=1,
+                   help="independent draws (seeds 0..K−1) per image and budget; the table "
+                        "averages over images and draws")
     p.add_argument("--merge", action="store_true",
                    help="keep --out's rows of the estimators not run now (same machine and "
                         "settings: references are recomputed from their fixed seed)")
@@ -241,24 +251,28 @@ def main(argv: list[str] | None = None) -> int:
                 refs[ref_label, i] = run(ref_label, i, reference, REFERENCE_SEED)[0]
                 print(f"  reference {ref_label} image {i}: {time.perf_counter() - start:.1f} s",
                       flush=True)
-            for budget in budgets + ([] if args.no_auto or not label.startswith("vitxai")
-                                     else ["auto"]):
-                phi, seconds, extra = run(label, i, budget, 0)
-                rows.append({"estimator": label, "image": i, "budget": budget,
+            for draw, budget in itertools.product(
+                    range(args.draws), budgets + ([] if args.no_auto or not label.startswith(
+                        "vitxai") else ["auto"])):
+                phi, seconds, extra = run(label, i, budget, draw)
+                rows.append({"estimator": label, "image": i, "budget": budget, "draw": draw,
                              "seconds": seconds, **extra, **errors(phi, refs[ref_label, i]),
                              "features": len(phi)})
-                print(f"  {label:<38} image {i} n={budget!s:>5}: "
+                print(f"  {label:<38} image {i} draw {draw} n={budget!s:>5}: "
                       f"1-ρ {rows[-1]['one_minus_spearman']:.4f}  "
                       f"L2 {rows[-1]['normalised_l2']:.4f}  {seconds:.2f} s", flush=True)
     labels = [e[0] for e in estimators]
     command = [" ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])])]
+    machines = [machine_info()]  # one per command: merged rows may come from other machines
     if args.merge and path.exists():
         before = json.loads(path.read_text(encoding="utf-8"))
         rows = [r for r in before["rows"] if r["estimator"] not in labels] + rows
         labels = [e[0] for e in ESTIMATORS if any(r["estimator"] == e[0] for r in rows)]
         command = before.get("commands", [before.get("command")]) + command
+        machines = before.get("machines", [before["machine"]]) + machines
     table = summarise(rows, budgets, labels)
-    out = {"machine": machine_info(), "model": model_note, "images": n, "budgets": budgets,
+    out = {"machine": machines[-1], "machines": machines, "model": model_note, "images": n,
+           "budgets": budgets,
            "reference_samples": reference, "reference_seed": REFERENCE_SEED,
            "quick": args.quick, "targets": targets.tolist(), "rows": rows, "summary": table,
            "commands": command}
@@ -326,8 +340,9 @@ def summarise(rows: list[dict[str, Any]], budgets: list[int], labels: list[str]
 
 def render(table: dict[str, Any], budgets: list[int]) -> str:
     lines = ["Normalised L2 error (1 − Spearman ρ) against a 20,000-sample reference of the "
-             "same estimator, mean over images; seconds per image below. Rank errors stay high: "
-             "most features are near-zero background whose ranks are noise.", "",
+             "same estimator, mean over images (and draws where a row has several); seconds "
+             "per image below. Rank errors stay high: most features are near-zero background "
+             "whose ranks are noise.", "",
              "| estimator | " + " | ".join(f"n={b}" for b in budgets) + " |",
              "|---|" + "---:|" * len(budgets)]
     for label, curve in table["curves"].items():

@@ -433,8 +433,11 @@ def test_kernel_shap_standard_error_is_calibrated(sampling) -> None:
     assert ((ratio > 0.6) & (ratio < 1.6)).all(), ratio
 
 
-@pytest.mark.parametrize("paired", [False, True])
-def test_lime_standard_error_is_calibrated(paired) -> None:
+@pytest.mark.parametrize(("paired", "sampling"), [
+    (False, "bernoulli"), (True, "bernoulli"), (False, "orthogonal"), (True, "orthogonal")])
+def test_lime_standard_error_is_calibrated(paired, sampling) -> None:
+    """The SE tracks the spread of the fits, also for orthogonal arrays, whose rows it treats
+    as independent."""
     s = 12
     g = torch.Generator().manual_seed(5)
     w1 = torch.randn(s, generator=g, dtype=torch.float64)
@@ -442,7 +445,8 @@ def test_lime_standard_error_is_calibrated(paired) -> None:
     counts = torch.tensor([s])
     estimates, ses = [], []
     for seed in range(40):
-        z = P.lime_coalitions(BatchContext.for_batch(1, seed), counts, 151, paired).double()
+        z = P.lime_coalitions(BatchContext.for_batch(1, seed), counts, 151, paired,
+                              sampling).double()
         y = torch.sin(z @ w1) + ((z @ w2) * z).sum(-1)
         w = P.lime_weights(z, counts, 0.25)
         coef, intercept = P.weighted_ridge(z, y, w, 1.0)
@@ -475,6 +479,49 @@ def test_paired_lime_estimates_the_same_regression() -> None:
     assert error(True) < error(False)
 
 
+@pytest.mark.parametrize("paired", [False, True])
+@pytest.mark.parametrize("s", [1, 2, 3, 7, 8, 12, 33])
+def test_orthogonal_rows_are_randomised_orthogonal_arrays(paired, s) -> None:
+    """Each block balances every t columns exactly (t = 2, or 3 with paired, whose rows
+    2i and 2i + 1 are complements); over seeds every row is uniform, as a Bernoulli(½) row."""
+    strength = min(s, 3 if paired else 2)
+    block = 2 ** (math.ceil(math.log2(s)) + 1 if paired else math.ceil(math.log2(s + 1)))
+    rows = P.orthogonal_rows(3 * block - 1, s, paired, torch.Generator().manual_seed(s))
+    assert rows.shape == (3 * block - 1, s) and block <= max(2, 4 * s)
+    powers = 2 ** torch.arange(strength)
+    for b in range(2):
+        part = rows[b * block:(b + 1) * block].long()
+        for cols in itertools.combinations(range(s), strength):
+            cells = torch.bincount((part[:, list(cols)] * powers).sum(1), minlength=2**strength)
+            assert (cells == block // 2**strength).all(), (b, cols, cells)
+    if paired:
+        assert torch.equal(rows[1::2], ~rows[0:-1:2])
+    # one row (the 5th) over many seeds: each column and each pair of columns is uniform
+    fifth = torch.stack([P.orthogonal_rows(8, s, paired, torch.Generator().manual_seed(seed))
+                         [4] for seed in range(2000)]).double()
+    assert (fifth.mean(0) - 0.5).abs().max() < 0.05
+    if s > 1:
+        assert abs(float((fifth[:, 0] * fifth[:, 1]).mean()) - 0.25) < 0.04
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_orthogonal_lime_estimates_the_same_regression_with_less_noise(paired) -> None:
+    s, counts = 12, torch.tensor([12])
+    value = cubic_game(s, seed=2)
+
+    def fit(n: int, sampling: str, seed: int) -> torch.Tensor:
+        z = P.lime_coalitions(BatchContext.for_batch(1, seed), counts, n, paired, sampling)
+        w = P.lime_weights(z, counts, 0.25)
+        return P.weighted_ridge(z.double(), value(z), w, 1.0)[0][0]
+
+    truth = fit(200_001, "bernoulli", 9)
+    assert float((fit(200_001, "orthogonal", 9) - truth).norm() / truth.norm()) < 0.01
+
+    def error(sampling: str) -> float:
+        return sum(float((fit(201, sampling, seed) - truth).norm()) for seed in range(20))
+    assert error("orthogonal") < error("bernoulli")
+
+
 # ------------------------------------------------------------------------------- batches
 
 
@@ -485,6 +532,9 @@ def test_paired_lime_estimates_the_same_regression() -> None:
     ("kernel_shap", {"space": "token", "n_samples": 40, "paired": True, "sampling": "leverage"}),
     ("lime", {"space": "token", "removal": "drop", "n_samples": 24, "grid": 3}),
     ("lime", {"space": "token", "n_samples": "auto", "paired": True, "max_samples": 81}),
+    ("lime", {"space": "token", "n_samples": 40, "paired": True, "sampling": "orthogonal"}),
+    ("lime", {"space": "token", "n_samples": "auto", "sampling": "orthogonal",
+              "max_samples": 80}),
     ("rise", {"space": "token", "removal": "drop", "masks": "binary", "n_samples": 24,
               "grid": 2, "p_keep": 0.5}),
     ("occlusion", {"space": "token", "removal": "drop"}),
@@ -533,6 +583,7 @@ class Wrapped(nn.Module):
     ("lime", {"n_samples": 2.5}, "n_samples=2.5 must be an integer or 'auto'"),
     ("rise", {"max_samples": 0}, "max_samples=0 is out of range"),
     ("kernel_shap", {"sampling": "sobol"}, "sampling='sobol' is not one of"),
+    ("lime", {"sampling": "leverage"}, "sampling='leverage' is not one of"),
     ("lime", {"grid": 4}, "grid=4 groups patch tokens and needs space='token'"),
     ("kernel_shap", {"grid": 0, "space": "token"}, "grid=0 is out of range"),
 ])
@@ -595,7 +646,8 @@ def test_compare_writes_standard_errors(tmp_path) -> None:
                  "--param", "lime.n_samples=auto", "--param", "lime.max_samples=80",
                  "--param", "kernel_shap.n_samples=24", "--param", "kernel_shap.paired=true",
                  "--param", 'kernel_shap.sampling="leverage"', "--param", "lime.paired=true",
-                 "--segmentation", 'algorithm="slic"', "--precision", "auto"])
+                 "--param", 'lime.sampling="orthogonal"', "--segmentation", 'algorithm="slic"',
+                 "--precision", "auto"])
     assert code == 0
     with open(out / "per_image_methods.csv") as f:
         rows = list(csv.DictReader(f))
@@ -608,6 +660,7 @@ def test_compare_writes_standard_errors(tmp_path) -> None:
     assert config["methods"]["kernel_shap"]["paired"] is True
     assert config["methods"]["kernel_shap"]["sampling"] == "leverage"
     assert config["methods"]["lime"]["paired"] is True
+    assert config["methods"]["lime"]["sampling"] == "orthogonal"
     assert "removal" not in config["methods"]["lime"]
     assert config["methods"]["lime"]["n_samples"] == "auto"
     assert config["source"]["precision"] == ("bf16" if cpu_has_native_bf16() else "float32")

@@ -75,6 +75,7 @@ from vitxai.methods.perturbation.lime import (
     lime_coalitions,
     lime_standard_error,
     lime_weights,
+    orthogonal_rows,
     weighted_ridge,
 )
 from vitxai.methods.perturbation.occlusion import OcclusionParams, window_starts
@@ -113,6 +114,7 @@ __all__ = [
     "lime_standard_error",
     "lime_weights",
     "num_segments",
+    "orthogonal_rows",
     "patch_map",
     "patch_segments",
     "removal_logits",

@@ -13,7 +13,7 @@ pairwise (Mayer & Wüthrich 2025, "Shapley Values: Paired-Sampling Approximation
 sizes uniformly instead of from the kernel, each row weighted by kernel / sampling
 probability (Musco & Witter 2025, "Provably Accurate Shapley Value Estimation via Leverage
 Score Sampling", ICLR: the rows' leverage scores are equal within a size and their totals
-equal across sizes); on real models it needs about 1.5× fewer evaluations for the same error
+equal across sizes); on real models it needs about 1.3× fewer evaluations for the same error
 (docs/methods.md). ``n_samples="auto"`` samples until the estimated standard error is small
 (:mod:`~vitxai.methods.perturbation.stopping`).
 """

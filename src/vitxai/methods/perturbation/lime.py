@@ -8,6 +8,10 @@ weighted ridge regression. ``paired=True`` draws the coalitions in complementary
 antithetic variates", Proc. Cambridge Philos. Soc.) as Covert & Lee 2021 use them for
 KernelSHAP: every row is still a Bernoulli(0.5) draw, so the fit estimates the same
 regression, with about half the variance on real models (docs/methods.md).
+``sampling="orthogonal"`` takes the rows from randomised orthogonal arrays instead of
+independent draws (:func:`orthogonal_rows`): every row is still Bernoulli(0.5), and every
+few columns are balanced exactly: about 1.3× fewer evaluations for the same error on the
+bundled model (docs/methods.md).
 ``n_samples="auto"`` samples until the estimated standard error of the coefficients is small
 (:mod:`~vitxai.methods.perturbation.stopping`).
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -57,10 +61,14 @@ from vitxai.methods.perturbation.stopping import (
     unit_count,
 )
 from vitxai.methods.perturbation.tokens import TokenBaseline, token_vit
-from vitxai.params import check_batch_size, check_range
+from vitxai.params import check_batch_size, check_choice, check_range
 
 if TYPE_CHECKING:
     from vitxai.models.adapter import ModelAdapter
+
+#: how LIME's Bernoulli(0.5) coalitions are drawn: independently, or as the rows of
+#: randomised orthogonal arrays (:func:`orthogonal_rows`)
+LimeSampling = Literal["bernoulli", "orthogonal"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,10 @@ class LimeParams:
             fewer samples for the same error.
         paired: draw coalitions in pairs (z, 1 − z) after the first row (antithetic
             sampling; each row is still Bernoulli(0.5)), see :func:`lime_coalitions`.
+        sampling: "bernoulli" (independent rows, as lime_image) or "orthogonal" (rows of
+            randomised orthogonal arrays, each row still Bernoulli(0.5); with ``paired``
+            they are foldovers, see :func:`orthogonal_rows`): the same regression with
+            fewer samples.
         tolerance: ``n_samples="auto"``: stop once max_j SE(β_j) / (max β − min β) is below
             this (> 0).
         max_samples: ``n_samples="auto"``: coalitions per image at most (≥ 2).
@@ -110,11 +122,13 @@ class LimeParams:
     removal: Removal = field(default="blend", metadata=RECORDED_WHEN_SET)
     grid: int | None = field(default=None, metadata=RECORDED_WHEN_SET)
     paired: bool = field(default=False, metadata=RECORDED_WHEN_SET)
+    sampling: LimeSampling = field(default="bernoulli", metadata=RECORDED_WHEN_SET)
     tolerance: float = field(default=0.05, metadata=RECORDED_WHEN_SET)
     max_samples: int = field(default=4000, metadata=RECORDED_WHEN_SET)
 
     def __post_init__(self) -> None:
         check_stopping(self.n_samples, self.tolerance, self.max_samples, 2)
+        check_choice("sampling", self.sampling, ("bernoulli", "orthogonal"))
         check_batch_size("batch_size", self.batch_size)
         check_range("kernel_width", self.kernel_width, 0, None, low_open=True)
         check_range("alpha", self.alpha, 0, None)
@@ -161,19 +175,62 @@ def weighted_ridge(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
     return coef, intercept
 
 
+def orthogonal_rows(n: int, s: int, paired: bool, generator: torch.Generator
+                    ) -> torch.Tensor:
+    """n rows of randomised binary orthogonal arrays, (n, s) bool; each row alone is
+    uniform on {0, 1}^s, i.e. s Bernoulli(0.5) draws.
+
+    The rows come in blocks of 2^k: the codewords c_j(u) = ⟨g_j, u⟩ mod 2, u ∈ GF(2)^k, of a
+    random linear code with distinct generators g_j ∈ GF(2)^k, XOR a uniform random shift
+    (which makes each row uniform) and in random order. Distinct nonzero generators make
+    every two columns take each of their four value pairs equally often within a block
+    (strength 2). With ``paired`` every g_j has the top bit set, so no three of them sum to
+    zero: every three columns are balanced (strength 3, a resolution IV fractional
+    factorial), and u and u + top give complementary rows, placed at 2i and 2i + 1 — the
+    foldover of Box & Hunter 1961 ("The 2^(k−p) fractional factorial designs",
+    Technometrics). Randomising orthogonal arrays keeps sample means unbiased while
+    balancing the low-order terms of the integrand exactly (Owen 1992, "Orthogonal arrays for
+    computer experiments, integration and visualization", Statistica Sinica). Each block has
+    a fresh code and shift; the last is cut to length, a uniform subset of its rows (pairs)
+    since they are in random order. k is the least with 2^(k−1) ≥ s (paired) or
+    2^k − 1 ≥ s, so a block is at most 4s rows.
+    """
+    low = math.ceil(math.log2(s)) if paired else math.ceil(math.log2(s + 1))
+    k = low + 1 if paired else low
+    blocks = -(-n // 2**k)
+    # ranks of uniforms: a random permutation per block
+    if paired:  # generators top | (distinct low parts); u and u + top adjacent
+        gen = torch.rand(blocks, 2**low, generator=generator).argsort(1)[:, :s] + 2**low
+        half = torch.rand(blocks, 2**low, generator=generator).argsort(1)
+        u = torch.stack([half, half + 2**low], dim=2).reshape(blocks, -1)
+    else:  # distinct nonzero generators
+        gen = torch.rand(blocks, 2**k - 1, generator=generator).argsort(1)[:, :s] + 1
+        u = torch.rand(blocks, 2**k, generator=generator).argsort(1)
+    bits = 2 ** torch.arange(k)
+    u_bits = (u[..., None] & bits).ne(0).double()  # (blocks, 2^k, k)
+    g_bits = (gen[..., None] & bits).ne(0).double()  # (blocks, s, k)
+    code = (u_bits @ g_bits.transpose(1, 2)).long() % 2
+    shift = torch.randint(0, 2, (blocks, 1, s), generator=generator)
+    return (code ^ shift).bool().reshape(-1, s)[:n]
+
+
 def lime_coalitions(context: BatchContext, counts: torch.Tensor, n_samples: int,
-                    paired: bool = False) -> torch.Tensor:
+                    paired: bool = False, sampling: LimeSampling = "bernoulli"
+                    ) -> torch.Tensor:
     """(B, n_samples, S_max) bool: Bernoulli(0.5) rows, the first all ones, padding False.
 
     Drawn per image from ``context.generator(i, "lime")``, so each image's coalitions do not
     depend on the rest of the batch. ``paired``: rows 1 + 2i and 2 + 2i are complements
-    (z, 1 − z) (an even count drops the last complement).
+    (z, 1 − z) (an even count drops the last complement). ``sampling="orthogonal"``: rows
+    1, 2, … are :func:`orthogonal_rows` (paired as above when ``paired``).
     """
     s_max = int(counts.max())
     z = torch.zeros(len(counts), n_samples, s_max, dtype=torch.bool)
     for i, s in enumerate(counts.tolist()):
         g = context.generator(i, "lime")
-        if paired:
+        if sampling == "orthogonal":
+            z[i, 1:, :s] = orthogonal_rows(n_samples - 1, s, paired, g)
+        elif paired:
             half = torch.randint(0, 2, (n_samples // 2, s), generator=g).bool()
             rows = torch.stack([half, ~half], dim=1).reshape(-1, s)[:n_samples - 1]
             z[i, 1:, :s] = rows
@@ -221,7 +278,7 @@ def lime(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
     counts = num_segments(segments)
     auto = params.n_samples == "auto"
     z = lime_coalitions(context, counts, params.max_samples if auto else params.n_samples,
-                        params.paired)
+                        params.paired, params.sampling)
 
     def evaluate(valid: torch.Tensor | None = None) -> torch.Tensor:
         return evaluate_coalitions(adapter, images, segments, z, targets,
