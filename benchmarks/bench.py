@@ -596,7 +596,7 @@ def fast_options(method: str, sampling: str) -> dict[str, Any]:
     """The sampling options of the equal-error and tokens rows: paired coalitions, and the
     method's ``sampling`` (KernelSHAP's ``--sampling``, LIME's ``--lime-sampling``) unless it
     is the method's default."""
-    default = "bernoulli" if method == "lime" else "kernel"
+    default = METHODS[method].make_params().sampling
     return {"paired": True, **({} if sampling == default else {"sampling": sampling})}
 
 
