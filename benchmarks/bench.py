@@ -99,14 +99,20 @@ class Settings:
     token_samples: dict[str, int] = field(default_factory=dict)  # --token-samples
     sampling: str = "kernel"  # --sampling: KernelSHAP's coalition sampling in those rows
     lime_sampling: str = "bernoulli"  # --lime-sampling: LIME's, likewise
+    surrogate: str | None = None  # --surrogate: both methods' regression adjustment there
     other_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # defaults
     memory_params: dict[str, dict[str, Any]] = field(default_factory=lambda: {
         "lime": {"n_samples": 100}, "kernel_shap": {"n_samples": 100},
         "integrated_gradients": {"steps": 10}, "gradient_shap": {"n_samples": 10}})
 
-    def sampling_of(self, method: str) -> str:
-        """The coalition sampling of ``method``'s equal-error and tokens rows."""
-        return self.lime_sampling if method == "lime" else self.sampling
+    def fast_options(self, method: str) -> dict[str, Any]:
+        """The options of ``method``'s equal-error and tokens rows: paired coalitions, the
+        run's ``--sampling`` (KernelSHAP) or ``--lime-sampling`` (LIME) unless it is the
+        method's default, and ``--surrogate``."""
+        sampling = self.lime_sampling if method == "lime" else self.sampling
+        default = METHODS[method].make_params().sampling
+        return {"paired": True, **({} if sampling == default else {"sampling": sampling}),
+                **({"surrogate": self.surrogate} if self.surrogate else {})}
 
     @classmethod
     def quick(cls) -> Settings:
@@ -173,6 +179,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="KernelSHAP's sampling in the --equal-error and tokens rows")
     p.add_argument("--lime-sampling", default="bernoulli", choices=("bernoulli", "orthogonal"),
                    help="LIME's sampling in the --equal-error and tokens rows")
+    p.add_argument("--surrogate", default=None, choices=("logistic",),
+                   help="LIME's and KernelSHAP's regression adjustment in the --equal-error "
+                        "and tokens rows")
     p.add_argument("--memory-images", default=None,
                    help="N,2N images for the streamed-memory check (default: --images and "
                         "twice that)")
@@ -523,8 +532,8 @@ def run_vitxai(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
     for name, samples in s.equal_error.items():  # the counts of equal error (convergence.py)
         if not wanted(name):
             continue
-        params = {"n_samples": samples, **fast_options(name, s.sampling_of(name))}
-        records.append(measure(Record(equal_row(name, samples, s.sampling_of(name)), "vitxai",
+        params = {"n_samples": samples, **s.fast_options(name)}
+        records.append(measure(Record(equal_row(name, samples, s.fast_options(name)), "vitxai",
                                       name,
                                       {**params, "batch_size": bs}, "forward", samples),
                                adapter, n, method(name, **params), s.repeats))
@@ -592,28 +601,21 @@ def run_attention(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Te
     return records
 
 
-def fast_options(method: str, sampling: str) -> dict[str, Any]:
-    """The sampling options of the equal-error and tokens rows: paired coalitions, and the
-    method's ``sampling`` (KernelSHAP's ``--sampling``, LIME's ``--lime-sampling``) unless it
-    is the method's default."""
-    default = METHODS[method].make_params().sampling
-    return {"paired": True, **({} if sampling == default else {"sampling": sampling})}
+def row_tag(options: dict[str, Any]) -> str:
+    """A row name's suffix, e.g. ' paired leverage logistic' for paired, leverage-sampled
+    KernelSHAP with the logistic surrogate."""
+    return "".join(f" {v if isinstance(v, str) else k}" for k, v in options.items())
 
 
-def row_tag(method: str, sampling: str) -> str:
-    return "".join(f" {v if isinstance(v, str) else k}"
-                   for k, v in fast_options(method, sampling).items())
-
-
-def token_row(method: str, n: int, grid: int | None = None, sampling: str = "kernel") -> str:
+def token_row(method: str, n: int, grid: int | None, options: dict[str, Any]) -> str:
     """The tokens section's row name for ``method`` at ``n`` samples."""
-    return (f"{method} token drop{row_tag(method, sampling)}"
+    return (f"{method} token drop{row_tag(options)}"
             f"{'' if grid is None else f' grid {grid}'} n={n}")
 
 
-def equal_row(method: str, n: int, sampling: str = "kernel") -> str:
+def equal_row(method: str, n: int, options: dict[str, Any]) -> str:
     """The row name of ``method`` at its ``--equal-error`` count ``n`` (pixel space)."""
-    return f"{method}{row_tag(method, sampling)} n={n} (equal error)"
+    return f"{method}{row_tag(options)} n={n} (equal error)"
 
 
 def run_tokens(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
@@ -628,14 +630,14 @@ def run_tokens(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tenso
             continue
         for samples in dict.fromkeys([s.samples, s.token_samples.get(method, s.samples)]):
             params = {"space": "token", "removal": "drop", "n_samples": samples,
-                      **fast_options(method, s.sampling_of(method)),
+                      **s.fast_options(method),
                       **({} if s.token_grid is None else {"grid": s.token_grid})}
 
             def run(method: str = method, params: dict[str, Any] = params) -> dict[str, Any]:
                 r = attribute(method, adapter, images, targets, **params)
                 return {"cost": {"forward": r.cost.forward, "backward": r.cost.backward}}
             records.append(measure(Record(token_row(method, samples, s.token_grid,
-                                                    s.sampling_of(method)),
+                                                    s.fast_options(method)),
                                           "vitxai",
                                           method, params, "forward", samples),
                                    adapter, n, run, s.repeats))
@@ -959,7 +961,7 @@ def goals(records: list[Record], ups: list[dict[str, Any]], s: Settings,
         out[f"{method} within 1.2× of the floor"] = None if ratio is None else ratio <= 1.2
     for method in ("lime", "kernel_shap"):  # token removal at equal samples (tokens section)
         pixel, drop = rec(method), rec(token_row(method, s.samples, s.token_grid,
-                                                 s.sampling_of(method)))
+                                                 s.fast_options(method)))
         if pixel is not None and drop is not None and not quick:
             speedup = pixel.per_image / drop.per_image
             out[f"{method} token drop ≥2× faster than pixel at {s.samples} samples"] = (
@@ -967,11 +969,11 @@ def goals(records: list[Record], ups: list[dict[str, Any]], s: Settings,
             out[f"{method} token drop speed-up over pixel"] = round(speedup, 2)
         refs = {"lime": ("lime_image:lime_image batch 10", "captum:Lime ppe 1"),
                 "kernel_shap": ("captum:KernelShap ppe 1",)}[method]
-        rows = ([equal_row(method, s.equal_error[method], s.sampling_of(method))]
+        rows = ([equal_row(method, s.equal_error[method], s.fast_options(method))]
                 if method in s.equal_error else [])
         if method in s.token_samples:
             rows.append(token_row(method, s.token_samples[method], s.token_grid,
-                                  s.sampling_of(method)))
+                                  s.fast_options(method)))
         for row, ref in itertools.product(rows, refs if perturbation_ok else ()):
             x = up(row, ref)
             out[f"{row} ≥5× faster than {ref} at 1000"] = None if x is None else x >= 5
@@ -1050,8 +1052,8 @@ def main(argv: list[str] | None = None) -> int:
         s.equal_error = counts_arg(args.equal_error)
     if args.token_samples:
         s.token_samples = counts_arg(args.token_samples)
-    s.token_grid, s.sampling, s.lime_sampling = (args.token_grid, args.sampling,
-                                                 args.lime_sampling)
+    s.token_grid, s.sampling, s.lime_sampling, s.surrogate = (
+        args.token_grid, args.sampling, args.lime_sampling, args.surrogate)
     n = args.images or (1 if args.quick else 2)
     if args.memory_images:
         a, b = (int(v) for v in args.memory_images.split(","))

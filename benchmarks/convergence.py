@@ -7,10 +7,12 @@ seed): 1 − Spearman ρ over the features, and the normalised L2 distance
 ‖φ − φ_ref‖ / ‖φ_ref‖. Estimators:
 
 - vitxai KernelSHAP on quickshift superpixels (pixel space), plain, paired
-  (``paired=True``) and paired with leverage sampling (``sampling="leverage"``), and on patch
+  (``paired=True``), paired with leverage sampling (``sampling="leverage"``) and that
+  regression-adjusted by a logistic surrogate (``surrogate="logistic"``), and on patch
   tokens with ``removal="drop"``, paired;
-- vitxai LIME on superpixels, plain, paired (``paired=True``) and paired from orthogonal
-  arrays (``sampling="orthogonal"``), and on tokens with ``removal="drop"``;
+- vitxai LIME on superpixels, plain, paired (``paired=True``), paired from orthogonal
+  arrays (``sampling="orthogonal"``) and that regression-adjusted (``surrogate="logistic"``),
+  and on tokens with ``removal="drop"``;
 - both on tokens with ``removal="drop"`` and ``grid=7`` (7 × 7 cells of 2 × 2 patches: 49
   features, about as many as the superpixels), in float32 and in bf16 (the bf16 runs are
   compared with the float32 reference, so their error includes bf16's own);
@@ -53,6 +55,8 @@ ESTIMATORS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("vitxai KernelSHAP pixel paired", "vitxai", "kernel_shap", {"paired": True}),
     ("vitxai KernelSHAP pixel paired leverage", "vitxai", "kernel_shap",
      {"paired": True, "sampling": "leverage"}),
+    ("vitxai KernelSHAP pixel paired leverage logistic", "vitxai", "kernel_shap",
+     {"paired": True, "sampling": "leverage", "surrogate": "logistic"}),
     ("vitxai KernelSHAP token drop paired", "vitxai", "kernel_shap",
      {"space": "token", "removal": "drop", "paired": True}),
     ("vitxai LIME pixel", "vitxai", "lime", {}),
@@ -60,6 +64,8 @@ ESTIMATORS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
     ("vitxai LIME pixel paired bf16", "vitxai", "lime", {"paired": True, "precision": "bf16"}),
     ("vitxai LIME pixel paired orthogonal", "vitxai", "lime",
      {"paired": True, "sampling": "orthogonal"}),
+    ("vitxai LIME pixel paired orthogonal logistic", "vitxai", "lime",
+     {"paired": True, "sampling": "orthogonal", "surrogate": "logistic"}),
     ("vitxai LIME pixel paired orthogonal bf16", "vitxai", "lime",
      {"paired": True, "sampling": "orthogonal", "precision": "bf16"}),
     ("vitxai KernelSHAP pixel paired leverage bf16", "vitxai", "kernel_shap",
@@ -85,11 +91,14 @@ ESTIMATORS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
 #: Shapley values (the paired reference is the more accurate one)
 REFERENCE_OF = {"vitxai KernelSHAP pixel": "vitxai KernelSHAP pixel paired",
                 "vitxai KernelSHAP pixel paired leverage": "vitxai KernelSHAP pixel paired",
+                "vitxai KernelSHAP pixel paired leverage logistic":
+                    "vitxai KernelSHAP pixel paired",
                 "vitxai KernelSHAP pixel paired leverage bf16": "vitxai KernelSHAP pixel paired",
                 # paired LIME estimates the same regression (every row is Bernoulli(½))
                 "vitxai LIME pixel paired": "vitxai LIME pixel",
                 "vitxai LIME pixel paired bf16": "vitxai LIME pixel",
                 "vitxai LIME pixel paired orthogonal": "vitxai LIME pixel",
+                "vitxai LIME pixel paired orthogonal logistic": "vitxai LIME pixel",
                 "vitxai LIME pixel paired orthogonal bf16": "vitxai LIME pixel",
                 "vitxai LIME token drop paired grid 7 bf16": "vitxai LIME token drop grid 7",
                 "vitxai KernelSHAP token drop paired leverage grid 7 bf16":
@@ -199,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--estimators", default="",
                    help="comma-separated labels to run (default all)")
     p.add_argument("--no-auto", action="store_true", help="skip the n_samples='auto' runs")
+    p.add_argument("--auto-only", action="store_true",
+                   help="only the n_samples='auto' runs; with --merge they replace the "
+                        "estimators' earlier auto rows and keep their fixed-budget rows")
     p.add_argument("--draws", type=int, default=1,
                    help="independent draws (seeds 0..K−1) per image and budget; the table "
                         "averages over images and draws")
@@ -251,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                 refs[ref_label, i] = run(ref_label, i, reference, REFERENCE_SEED)[0]
                 print(f"  reference {ref_label} image {i}: {time.perf_counter() - start:.1f} s",
                       flush=True)
+            auto = [] if args.no_auto or not label.startswith("vitxai") else ["auto"]
             for draw, budget in itertools.product(
-                    range(args.draws), budgets + ([] if args.no_auto or not label.startswith(
-                        "vitxai") else ["auto"])):
+                    range(args.draws), auto if args.auto_only else budgets + auto):
                 phi, seconds, extra = run(label, i, budget, draw)
                 rows.append({"estimator": label, "image": i, "budget": budget, "draw": draw,
                              "seconds": seconds, **extra, **errors(phi, refs[ref_label, i]),
@@ -266,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     machines = [machine_info()]  # one per command: merged rows may come from other machines
     if args.merge and path.exists():
         before = json.loads(path.read_text(encoding="utf-8"))
-        rows = [r for r in before["rows"] if r["estimator"] not in labels] + rows
+        rows = [r for r in before["rows"] if r["estimator"] not in labels
+                or (args.auto_only and r["budget"] != "auto")] + rows
         labels = [e[0] for e in ESTIMATORS if any(r["estimator"] == e[0] for r in rows)]
         command = before.get("commands", [before.get("command")]) + command
         machines = before.get("machines", [before["machine"]]) + machines

@@ -11,11 +11,12 @@ paired LIME). Designs:
   per size instead of multinomial ones); stratified with the players balanced within a size
   (consecutive windows of random permutations); size laws ∝ kernel(k)^γ between uniform
   (γ = 0) and the kernel (γ = 1); sizes 1 and S − 1 enumerated first (the shap package's
-  scheme when its budget allows); and a logistic control variate (a surrogate
-  σ(a + b·z) fitted to the log-odds, whose Shapley values are computed without the model,
-  plus KernelSHAP of the residual; after Goldwasser & Hooker 2024, "Stabilizing Estimates of
-  Shapley Values with Control Variates", and Witter et al. 2025, "Regression-adjusted Monte
-  Carlo Estimators for Shapley Values and Probabilistic Values").
+  scheme when its budget allows); and a logistic control variate fitted to the log-odds (a
+  surrogate σ(a + b·z) whose Shapley values are computed without the model, plus KernelSHAP
+  of the residual; after Goldwasser & Hooker 2024, "Stabilizing Estimates of Shapley Values
+  with Control Variates"). The log-odds fit is the variant that fails: vitxai's
+  ``surrogate="logistic"`` fits the probabilities with a ridge penalty instead, and
+  ``convergence.py`` measures it.
 - LIME: independent Bernoulli(½) rows and randomised orthogonal arrays
   (``sampling="orthogonal"``), each unpaired and paired.
 

@@ -615,7 +615,8 @@ def test_new_parameters_recorded_only_when_set() -> None:
     for method in ("lime", "kernel_shap", "rise", "occlusion"):
         spec = get_method(method)
         record = params_record(spec.make_params())
-        new = {"removal", "paired", "tolerance", "max_samples", "masks", "sampling"}
+        new = {"removal", "paired", "tolerance", "max_samples", "masks", "sampling",
+               "surrogate"}
         assert not (new | ({"grid"} if method in ("lime", "kernel_shap") else set())) & set(
             record)
     assert params_record(get_method("kernel_shap").make_params(paired=True))["paired"] is True
@@ -646,6 +647,7 @@ def test_compare_writes_standard_errors(tmp_path) -> None:
                  "--param", "lime.n_samples=auto", "--param", "lime.max_samples=80",
                  "--param", "kernel_shap.n_samples=24", "--param", "kernel_shap.paired=true",
                  "--param", 'kernel_shap.sampling="leverage"', "--param", "lime.paired=true",
+                 "--param", 'kernel_shap.surrogate="logistic"',
                  "--param", 'lime.sampling="orthogonal"', "--segmentation", 'algorithm="slic"',
                  "--precision", "auto"])
     assert code == 0
@@ -659,6 +661,7 @@ def test_compare_writes_standard_errors(tmp_path) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["methods"]["kernel_shap"]["paired"] is True
     assert config["methods"]["kernel_shap"]["sampling"] == "leverage"
+    assert config["methods"]["kernel_shap"]["surrogate"] == "logistic"
     assert config["methods"]["lime"]["paired"] is True
     assert config["methods"]["lime"]["sampling"] == "orthogonal"
     assert "removal" not in config["methods"]["lime"]

@@ -85,7 +85,7 @@ def unit_count(n: int, paired: bool, single: int = 0) -> int:
     return single + math.ceil((n - single) / 2) if paired else n
 
 
-def sandwich_standard_error(moves: torch.Tensor, paired: bool, fitted: int,
+def sandwich_standard_error(moves: torch.Tensor, paired: bool, fitted: float,
                             single: int = 0) -> torch.Tensor:
     """(S,) standard errors of a regression's S estimates from each sampled row's effect on
     them, ``moves`` (S, n) (the delta-method, or sandwich, estimate; White 1980, "A
