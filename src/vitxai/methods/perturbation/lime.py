@@ -371,7 +371,6 @@ def adjusted_ridge(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, alpha: flo
         x: (A, n, S_max) coalitions. y: (A, n) scores. w: (A, n) kernel weights.
         alpha: ridge penalty. counts: (A,) S_a. kernel_width: LIME's kernel width.
         surrogate: None or "logistic". generators: one per image, for the fresh coalitions.
-
     """
     none = torch.zeros(x.shape[0], dtype=torch.float64)
     if surrogate is None:
