@@ -10,8 +10,8 @@
 # runs). Rows: floor; vitxai lime, kernel_shap (1000 samples), paired orthogonal-array LIME and
 # paired leverage-sampled KernelSHAP, both with the logistic surrogate, at the counts where
 # benchmarks/convergence.py found them as accurate as lime_image / captum's KernelShap at 1000
-# samples, integrated_gradients (50
-# steps), gradient_shap (50 samples), attention_rollout and chefer2021a on the shared pass;
+# samples, integrated_gradients (50 steps), gradient_shap (50 samples), attention_rollout and
+# chefer2021a on the shared pass;
 # paired LIME and KernelSHAP on removed patch tokens (removal="drop") at 1000 samples; lime_image (batch 10 and 64) and captum Lime, KernelShap (perturbations_per_eval
 # 1 and 64), IntegratedGradients and GradientShap. The bf16 run keeps the references in fp32,
 # as people run them.

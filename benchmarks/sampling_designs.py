@@ -40,6 +40,7 @@ import torch
 
 import vitxai.methods.perturbation as P
 from vitxai.methods import BatchContext
+from vitxai.methods.perturbation.surrogate import logistic_shapley
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import load_adapter, load_images, machine_info  # noqa: E402
@@ -111,20 +112,6 @@ def leverage_design(s: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, t
     return z[0], w[0]
 
 
-def logistic_shapley(a: torch.Tensor, b: torch.Tensor, permutations: int = 40_000,
-                     seed: int = 0) -> torch.Tensor:
-    """Shapley values of v(z) = σ(a + b·z), (S,), by antithetic permutation sampling (cheap:
-    no model call)."""
-    g = torch.Generator().manual_seed(seed)
-    perms = torch.rand(permutations // 2, len(b), generator=g).argsort(1)
-    perms = torch.cat([perms, perms.flip(1)])
-    steps = torch.cat([torch.zeros(len(perms), 1, dtype=torch.float64),
-                       b[perms].cumsum(1)], 1)
-    gain = torch.sigmoid(a + steps).diff(dim=1)
-    phi = torch.zeros_like(b).index_add_(0, perms.flatten(), gain.flatten())
-    return phi / len(perms)
-
-
 def kernel_shap_fit(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
                     control_variate: bool = False) -> torch.Tensor:
     counts = torch.tensor([z.shape[1]])
@@ -135,7 +122,7 @@ def kernel_shap_fit(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
     b = P.constrained_shapley_fit(z[None], odds[None], w[None], counts)[0]
     surrogate = torch.sigmoid(odds[0] + z.double() @ b)
     residual = P.constrained_shapley_fit(z[None], (y - surrogate)[None], w[None], counts)[0]
-    return logistic_shapley(odds[0], b) + residual
+    return logistic_shapley(odds[0], b, torch.Generator().manual_seed(0), 20_000) + residual
 
 
 def lime_fit(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import MEAN, STD, block_images, images_for, tiny_vit
+from conftest import MEAN, STD, block_images, tiny_vit
 from torch import nn
 
 import vitxai.methods.perturbation as P
@@ -180,11 +180,6 @@ def test_adjusted_lime_standard_error_is_calibrated() -> None:
     assert ((ratio > 0.6) & (ratio < 1.6)).all(), ratio
 
 
-@pytest.fixture(scope="module")
-def vit64():
-    return tiny_vit(reg_tokens=2, dtype=torch.float64)
-
-
 def steep_adapter(scale: float = 10.0) -> ModelAdapter:
     """float64 logits scale · linear(x) over 3 classes: softmax probabilities that saturate
     across coalitions, the regime the surrogate is for."""
@@ -216,20 +211,6 @@ def test_end_to_end_more_accurate_efficient_and_exact_when_enumerated() -> None:
     adjusted = attribute("kernel_shap", adapter, x, t, n_samples=2**12, segmentation=seg,
                          surrogate="logistic")
     torch.testing.assert_close(adjusted.native, exact.native)
-
-
-@pytest.mark.parametrize("method", ["kernel_shap", "lime"])
-@pytest.mark.parametrize("kw", [{"n_samples": 50}, {"n_samples": "auto", "max_samples": 90}])
-def test_batch_equals_per_image(vit64, method, kw) -> None:
-    x, t, ids = images_for(vit64, 3), torch.tensor([0, 4, 8]), ["a.jpg", "b.jpg", "c.jpg"]
-    kw = dict(kw, space="token", paired=True, surrogate="logistic", batch_size=16)
-    together = attribute(method, vit64, x, t, context=BatchContext.for_batch(3, 7, ids), **kw)
-    for i in range(3):
-        alone = attribute(method, vit64, x[i:i + 1], t[i:i + 1],
-                          context=BatchContext.for_batch(1, 7, ids[i:i + 1]), **kw)
-        torch.testing.assert_close(together.native[i], alone.native[0], atol=1e-8, rtol=0)
-        if together.evaluations is not None:
-            assert int(together.evaluations[i]) == int(alone.evaluations[0])
 
 
 def test_auto_stops_with_the_residual_standard_error() -> None:

@@ -542,6 +542,9 @@ def test_orthogonal_lime_estimates_the_same_regression_with_less_noise(paired) -
     ("kernel_shap", {"space": "token", "n_samples": "auto", "paired": True,
                      "max_samples": 80}),
     ("rise", {"n_samples": "auto", "max_samples": 80, "grid": 2, "masks": "binary"}),
+    *((method, {"space": "token", "paired": True, "surrogate": "logistic", **budget})
+      for method in ("kernel_shap", "lime")
+      for budget in ({"n_samples": 50}, {"n_samples": "auto", "max_samples": 90})),
 ])
 def test_batch_equals_per_image(vit64, method, kw) -> None:
     x, t, ids = images_for(vit64, 3), torch.tensor([0, 4, 8]), ["a.jpg", "b.jpg", "c.jpg"]

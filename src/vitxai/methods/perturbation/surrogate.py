@@ -60,6 +60,16 @@ def check_surrogate(surrogate: object, score: str) -> None:
                          f"score='probability', or surrogate=None with score={score!r}")
 
 
+def _weighted_design(z: torch.Tensor, weights: torch.Tensor, ridge: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logistic fit's design [1, z] (n, S + 1), its weights normalised to sum 1 (n,) and
+    its penalty per parameter (S + 1,) (0 on the intercept), all float64."""
+    x = torch.cat([torch.ones(len(z), 1, dtype=torch.float64), z.double()], 1)
+    penalty = torch.full((x.shape[1],), float(ridge), dtype=torch.float64)
+    penalty[0] = 0.0
+    return x, weights.double() / weights.double().sum(), penalty
+
+
 def fit_logistic(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
                  ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit v(z) ≈ σ(a + b·z) by ridge-penalised weighted least squares.
@@ -76,10 +86,8 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
     Returns:
         a: () float64; b: (S,) float64.
     """
-    x = torch.cat([torch.ones(len(z), 1, dtype=torch.float64), z.double()], 1)
-    y, w = y.double(), weights.double() / weights.double().sum()
-    penalty = torch.full((x.shape[1],), float(ridge), dtype=torch.float64)
-    penalty[0] = 0.0
+    x, w, penalty = _weighted_design(z, weights, ridge)
+    y = y.double()
     theta = torch.zeros(x.shape[1], dtype=torch.float64)
     theta[0] = torch.logit((w * y).sum().clamp(1e-4, 1 - 1e-4))
 
@@ -112,13 +120,10 @@ def effective_parameters(z: torch.Tensor, weights: torch.Tensor, a: torch.Tensor
 
     The samples' residuals from the surrogate are smaller than its errors by about this many
     fitted parameters, which the standard errors correct for (HC1)."""
-    x = torch.cat([torch.ones(len(z), 1, dtype=torch.float64), z.double()], 1)
-    w = weights.double() / weights.double().sum()
+    x, w, penalty = _weighted_design(z, weights, ridge)
     p = torch.sigmoid(x @ torch.cat([a.reshape(1), b]).double())
     jac = (p * (1 - p))[:, None] * x
     info = jac.T @ (w[:, None] * jac)
-    penalty = torch.full((x.shape[1],), float(ridge), dtype=torch.float64)
-    penalty[0] = 0.0
     return float(torch.linalg.solve(info + torch.diag(penalty), info).diagonal().sum())
 
 
