@@ -15,8 +15,9 @@ paired LIME). Designs:
   surrogate σ(a + b·z) whose Shapley values are computed without the model, plus KernelSHAP
   of the residual; after Goldwasser & Hooker 2024, "Stabilizing Estimates of Shapley Values
   with Control Variates"). The log-odds fit is the variant that fails: vitxai's
-  ``surrogate="logistic"`` fits the probabilities with a ridge penalty instead, and
-  ``convergence.py`` measures it.
+  ``surrogate="logistic"`` fits the probabilities with a ridge penalty instead, here with one
+  penalty for every superpixel and with vitxai's area prior (the penalty on a superpixel's
+  coefficient ∝ 1 / its area²); ``convergence.py`` measures it across budgets.
 - LIME: independent Bernoulli(½) rows and randomised orthogonal arrays
   (``sampling="orthogonal"``), each unpaired and paired.
 
@@ -33,13 +34,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 import vitxai.methods.perturbation as P
 from vitxai.methods import BatchContext
+from vitxai.methods.perturbation.kernel_shap import adjusted_shapley_fit
 from vitxai.methods.perturbation.surrogate import logistic_shapley
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,10 +115,18 @@ def leverage_design(s: int, n: int, g: torch.Generator) -> tuple[torch.Tensor, t
 
 
 def kernel_shap_fit(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-                    control_variate: bool = False) -> torch.Tensor:
+                    adjustment: Adjustment = None, areas: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """KernelSHAP of one image's samples, plain or adjusted (see :data:`KERNEL_SHAP`);
+    ``areas`` (S,): the superpixels' pixel counts, for the area prior."""
     counts = torch.tensor([z.shape[1]])
+    if adjustment in ("common ridge", "area prior"):
+        prior = areas if adjustment == "area prior" else torch.ones(z.shape[1])
+        return adjusted_shapley_fit(z[None], y[None], w[None], counts, "logistic",
+                                    torch.tensor([False]), [torch.Generator().manual_seed(0)],
+                                    prior[None]).phi[0]
     fit = P.constrained_shapley_fit(z[None], y[None], w[None], counts)[0]
-    if not control_variate:
+    if adjustment is None:
         return fit
     odds = torch.logit(y.clamp(1e-6, 1 - 1e-6))
     b = P.constrained_shapley_fit(z[None], odds[None], w[None], counts)[0]
@@ -131,17 +141,23 @@ def lime_fit(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return P.weighted_ridge(z[None].double(), y[None], w, 1.0)[0][0]
 
 
-#: KernelSHAP: label → (design, with the logistic control variate); the first is the baseline
-KERNEL_SHAP: dict[str, tuple[Design, bool]] = {
-    "leverage, i.i.d. sizes (vitxai)": (leverage_design, False),
-    "stratified sizes": (paired_design(stratified=True), False),
+#: how KernelSHAP's samples are fitted: plain (None); a logistic control variate fitted to the
+#: log-odds; or vitxai's ``surrogate="logistic"`` (probabilities) with a common ridge penalty
+#: or with its area prior (the penalty on a superpixel's coefficient ∝ 1 / area²)
+Adjustment = Literal[None, "log-odds", "common ridge", "area prior"]
+#: KernelSHAP: label → (design, adjustment); the first is the baseline
+KERNEL_SHAP: dict[str, tuple[Design, Adjustment]] = {
+    "leverage, i.i.d. sizes (vitxai)": (leverage_design, None),
+    "stratified sizes": (paired_design(stratified=True), None),
     "stratified, players balanced within a size": (
-        paired_design(stratified=True, balanced=True), False),
-    "size law kernel^0.5": (paired_design(law_power=0.5), False),
-    "size law kernel^-0.5": (paired_design(law_power=-0.5), False),
+        paired_design(stratified=True, balanced=True), None),
+    "size law kernel^0.5": (paired_design(law_power=0.5), None),
+    "size law kernel^-0.5": (paired_design(law_power=-0.5), None),
     "sizes 1 and S-1 enumerated, stratified rest": (
-        paired_design(stratified=True, enumerate_ends=True), False),
-    "leverage + logistic control variate": (leverage_design, True),
+        paired_design(stratified=True, enumerate_ends=True), None),
+    "leverage + logistic control variate": (leverage_design, "log-odds"),
+    "leverage + surrogate, common ridge": (leverage_design, "common ridge"),
+    "leverage + surrogate, area prior (vitxai)": (leverage_design, "area prior"),
 }
 #: LIME: label → (paired, sampling); "bernoulli paired" is the baseline
 LIME = {"bernoulli": (False, "bernoulli"), "bernoulli paired": (True, "bernoulli"),
@@ -167,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     segments = [P.shared_segments(BatchContext.for_batch(1), images[i:i + 1],
                                   P.SegmentationParams())[0] for i in range(args.images)]
 
+    areas = [P.feature_areas(seg[None], torch.tensor([int(seg.max()) + 1]))[0]
+             for seg in segments]
+
     def score(i: int, z: torch.Tensor) -> torch.Tensor:
         return P.evaluate_coalitions(adapter, images[i:i + 1], segments[i][None], z[None],
                                      targets[i:i + 1])[0]
@@ -184,9 +203,9 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         for draw in range(args.draws):
             seed = 1000 * i + draw
-            for label, (design, cv) in KERNEL_SHAP.items():
+            for label, (design, adjustment) in KERNEL_SHAP.items():
                 z, w = design(s, args.kernel_shap_samples, torch.Generator().manual_seed(seed))
-                phi = kernel_shap_fit(z, score(i, z), w, cv)
+                phi = kernel_shap_fit(z, score(i, z), w, adjustment, areas[i])
                 rows.append({"method": "kernel_shap", "design": label, "image": i,
                              "draw": draw, "evaluations": len(z),
                              "error": float((phi - ks_ref).norm() / ks_ref.norm())})

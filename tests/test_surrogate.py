@@ -57,7 +57,7 @@ def sampled_estimate(value: Game, s: int, n: int, seed: int, surrogate: str | No
     z, w, _ = P.kernel_shap_coalitions(ctx, counts, n, True, "leverage")
     y = value(z)
     fit = adjusted_shapley_fit(z, y, w, counts, surrogate, torch.tensor([False]),
-                               [ctx.generator(0, "surrogate")])
+                               [ctx.generator(0, "surrogate")], torch.ones(1, s))
     se = P.kernel_shap_standard_error(z, fit.game, w, counts, fit.game_phi, True,
                                       surrogate_parameters=fit.surrogate_parameters)
     return fit.phi, se
@@ -74,6 +74,58 @@ def test_fit_logistic_recovers_a_logistic_game() -> None:
     torch.testing.assert_close(fb, b, atol=1e-6, rtol=0)
     shrunk = fit_logistic(z, y, torch.ones(400, dtype=torch.float64), ridge=1e-2)[1]
     assert shrunk.norm() < 0.9 * b.norm()  # the ridge pulls b towards 0
+
+
+def test_area_prior_is_a_ridge_on_area_scaled_features() -> None:
+    """Penalising b_j by λ(ā/a_j)² is the plain ridge on features scaled by a_j/ā (b_j = c_j
+    β_j): the two fits agree, equal areas change nothing, and a small feature is shrunk more
+    than a large one with the same effect."""
+    g = torch.Generator().manual_seed(2)
+    z = torch.rand(300, 6, generator=g) < 0.5
+    y = torch.sigmoid(-0.5 + z.double() @ torch.tensor([2.0, 2.0, -1.0, 0.5, 1.0, 0.0],
+                                                        dtype=torch.float64))
+    y = y + 0.02 * torch.randn(300, generator=g, dtype=torch.float64)
+    w = torch.rand(300, generator=g, dtype=torch.float64)
+    areas = torch.tensor([10.0, 1.0, 3.0, 5.0, 2.0, 4.0], dtype=torch.float64)
+    scale = areas / areas.mean()
+    a, b = fit_logistic(z, y, w, ridge=1e-2, areas=areas)
+    a_scaled, beta = fit_logistic(z.double() * scale, y, w, ridge=1e-2)
+    torch.testing.assert_close(a, a_scaled, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b, scale * beta, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fit_logistic(z, y, w, ridge=1e-2, areas=torch.full((6,), 7.0))[1],
+                               fit_logistic(z, y, w, ridge=1e-2)[1], atol=1e-9, rtol=0)
+    assert b[0] > b[1]  # same true effect: the small feature's prior pulls it towards 0
+
+
+def test_area_prior_helps_kernel_shap_when_effects_grow_with_area() -> None:
+    """The prior's premise: where a feature's logit effect is proportional to its area, the
+    adjusted KernelSHAP with the features' areas is closer to the Shapley values than with
+    one penalty for all (3 games × 10 draws of 60 paired leverage evaluations)."""
+    s, errors = 16, {"areas": [], "equal": []}
+    for game in range(3):
+        g = torch.Generator().manual_seed(game)
+        areas = torch.randint(1, 12, (s,), generator=g).double()
+        b = 0.35 * areas * torch.randn(s, generator=g, dtype=torch.float64).abs()
+        a = -0.6 * b.sum()
+        exact = logistic_shapley(a, b, torch.Generator().manual_seed(1), 200_000)
+        for seed in range(10):
+            ctx, counts = BatchContext.for_batch(1, seed), torch.tensor([s])
+            z, w, _ = P.kernel_shap_coalitions(ctx, counts, 60, True, "leverage")
+            y = torch.sigmoid(a + z.double() @ b)
+            y = y + 0.01 * torch.randn(y.shape, generator=g, dtype=torch.float64)
+            for name, prior in (("areas", areas[None]), ("equal", torch.ones(1, s))):
+                phi = adjusted_shapley_fit(z, y, w, counts, "logistic", torch.tensor([False]),
+                                           [ctx.generator(0, "surrogate")], prior).phi[0]
+                errors[name].append(float((phi - exact).norm() / exact.norm()))
+    mean = {name: sum(e) / len(e) for name, e in errors.items()}
+    assert mean["areas"] < 0.9 * mean["equal"], mean
+
+
+def test_feature_areas_count_pixels_per_feature() -> None:
+    segments = torch.tensor([[[0, 0, 1], [2, 2, 2]], [[0, 1, 1], [1, 1, 1]]])
+    areas = P.feature_areas(segments, torch.tensor([3, 2]))
+    torch.testing.assert_close(areas, torch.tensor([[2.0, 1.0, 3.0], [1.0, 5.0, 0.0]],
+                                                   dtype=torch.float64))
 
 
 def test_logistic_shapley_is_the_shapley_value() -> None:
@@ -147,7 +199,7 @@ def lime_estimate(value: Game, s: int, n: int, seed: int, surrogate: str | None,
     z = P.lime_coalitions(ctx, counts, n, paired).double()
     w = P.lime_weights(z, counts, 0.25)
     fit = adjusted_ridge(z, value(z), w, 1.0, counts, 0.25, surrogate,
-                         [ctx.generator(0, "surrogate")])
+                         [ctx.generator(0, "surrogate")], torch.ones(1, s))
     se = P.lime_standard_error(z, fit.game, w, 1.0, fit.game_coef, fit.game_intercept, counts,
                                paired, fit.surrogate_parameters)
     return fit.coef[0], se[0]

@@ -62,7 +62,7 @@ from vitxai.methods.perturbation.engine import (
     evaluate_coalitions,
     evaluate_masks,
 )
-from vitxai.methods.perturbation.features import patch_segments
+from vitxai.methods.perturbation.features import feature_areas, patch_segments
 from vitxai.methods.perturbation.kernel_shap import (
     KernelShapParams,
     constrained_shapley_fit,
@@ -108,6 +108,7 @@ __all__ = [
     "convergence_ratio",
     "evaluate_coalitions",
     "evaluate_masks",
+    "feature_areas",
     "kernel_shap_coalitions",
     "kernel_shap_standard_error",
     "lime_coalitions",

@@ -70,6 +70,15 @@ def feature_segments(adapter: ModelAdapter, images: torch.Tensor, context: Batch
     return shared_segments(context, images, segmentation)
 
 
+def feature_areas(segments: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, S_max) float64 pixels (superpixels) or patches (token cells) per feature, 0 on
+    padding; ``segments`` (B, H, W) or (B, gh, gw) labels 0..S_b − 1 as from
+    :func:`feature_segments`."""
+    flat = segments.flatten(1).cpu()
+    areas = torch.zeros(len(flat), int(counts.max()), dtype=torch.float64)
+    return areas.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
+
+
 def check_feature_grid(grid: int | None, space: object) -> None:
     """One-line ValueError unless ``grid`` is None or an integer ≥ 1 with space "token"."""
     if grid is None:

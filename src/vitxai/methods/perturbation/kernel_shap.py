@@ -48,6 +48,7 @@ from vitxai.methods.perturbation.engine import (
 )
 from vitxai.methods.perturbation.features import (
     check_feature_grid,
+    feature_areas,
     feature_attribution,
     feature_segments,
 )
@@ -259,15 +260,17 @@ class ShapleyFit(NamedTuple):
 
 def adjusted_shapley_fit(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
                          counts: torch.Tensor, surrogate: Surrogate | None,
-                         enumerated: torch.Tensor, generators: list[torch.Generator]
-                         ) -> ShapleyFit:
+                         enumerated: torch.Tensor, generators: list[torch.Generator],
+                         areas: torch.Tensor) -> ShapleyFit:
     """:func:`constrained_shapley_fit`, regression-adjusted by ``surrogate`` on the sampled
     images (not on ``enumerated`` ones, which are exact already): φ(ĝ) + KernelSHAP(y − ĝ).
+    ``areas`` (B, S_max): the features' areas, the surrogate's prior
+    (:func:`~vitxai.methods.perturbation.surrogate.fit_logistic`).
     """
     if surrogate is None:
         phi = constrained_shapley_fit(z, y, weights, counts)
         return ShapleyFit(phi, y, phi, torch.zeros(len(counts), dtype=torch.float64))
-    surrogate_phi, fitted, parameters = logistic_adjustment(z, y, weights, counts,
+    surrogate_phi, fitted, parameters = logistic_adjustment(z, y, weights, counts, areas,
                                                             ~enumerated, generators)
     game = y - fitted
     game_phi = constrained_shapley_fit(z, game, weights, counts)
@@ -353,6 +356,7 @@ def kernel_shap(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tens
     segments = feature_segments(adapter, images, context, "kernel_shap", params.space,
                                 params.segmentation, params.grid)
     counts = num_segments(segments)
+    areas = feature_areas(segments, counts)
     budget = params.max_samples if params.n_samples == "auto" else params.n_samples
     z, weights, valid = kernel_shap_coalitions(context, counts, budget, params.paired,
                                                params.sampling)
@@ -374,7 +378,7 @@ def kernel_shap(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tens
 
     if params.n_samples != "auto":
         phi = adjusted_shapley_fit(z, evaluate(valid), weights, counts, params.surrogate,
-                                   exact, generators(images_at)).phi
+                                   exact, generators(images_at), areas).phi
         return feature_attribution("kernel_shap", phi, segments, counts, params.space, images,
                                    targets,
                                    Cost(forward=math.ceil(int(valid.sum()) / len(counts))))
@@ -397,7 +401,7 @@ def kernel_shap(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tens
         ww = torch.where(torch.arange(cols) < upto(active, n)[:, None], weights[active, :cols],
                          0.0)
         fit = adjusted_shapley_fit(zz, yy, ww, counts[active], params.surrogate,
-                                   exact[active], generators(active))
+                                   exact[active], generators(active), areas[active])
         se = kernel_shap_standard_error(zz, fit.game, ww, counts[active], fit.game_phi,
                                         params.paired, exact[active],
                                         fit.surrogate_parameters)

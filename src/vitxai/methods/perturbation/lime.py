@@ -46,6 +46,7 @@ from vitxai.methods.perturbation.engine import (
 )
 from vitxai.methods.perturbation.features import (
     check_feature_grid,
+    feature_areas,
     feature_attribution,
     feature_segments,
 )
@@ -296,6 +297,7 @@ def lime(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
     segments = feature_segments(adapter, images, context, "lime", params.space,
                                 params.segmentation, params.grid)
     counts = num_segments(segments)
+    areas = feature_areas(segments, counts)
     auto = params.n_samples == "auto"
     z = lime_coalitions(context, counts, params.max_samples if auto else params.n_samples,
                         params.paired, params.sampling)
@@ -315,7 +317,7 @@ def lime(adapter: ModelAdapter, images: torch.Tensor, targets: torch.Tensor,
         # fresh generators per fit: each round's adjustment depends on its samples only
         generators = [context.generator(i, "lime surrogate") for i in images_at[active].tolist()]
         return adjusted_ridge(x, yy, ww, params.alpha, counts[active], params.kernel_width,
-                              params.surrogate, generators)
+                              params.surrogate, generators, areas[active])
 
     if not auto:
         coef = fit(images_at, z.double(), evaluate(), w).coef
@@ -358,7 +360,7 @@ class RidgeFit(NamedTuple):
 
 def adjusted_ridge(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, alpha: float,
                    counts: torch.Tensor, kernel_width: float, surrogate: Surrogate | None,
-                   generators: list[torch.Generator]) -> RidgeFit:
+                   generators: list[torch.Generator], areas: torch.Tensor) -> RidgeFit:
     """:func:`weighted_ridge`, regression-adjusted by ``surrogate``.
 
     LIME's fit is linear in the scores, so β(y) = β(ĝ) + β(y − ĝ): with a logistic ĝ fitted
@@ -371,6 +373,7 @@ def adjusted_ridge(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, alpha: flo
         x: (A, n, S_max) coalitions. y: (A, n) scores. w: (A, n) kernel weights.
         alpha: ridge penalty. counts: (A,) S_a. kernel_width: LIME's kernel width.
         surrogate: None or "logistic". generators: one per image, for the fresh coalitions.
+        areas: (A, S_max) the features' areas, the surrogate's prior (:func:`fit_logistic`).
     """
     none = torch.zeros(x.shape[0], dtype=torch.float64)
     if surrogate is None:
@@ -382,9 +385,9 @@ def adjusted_ridge(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, alpha: flo
     n = x.shape[1]
     for a, s in enumerate(counts.tolist()):
         rows = x[a, :, :s]
-        ga, gb = fit_logistic(rows, y[a], w[a])
+        ga, gb = fit_logistic(rows, y[a], w[a], areas=areas[a, :s])
         fitted[a] = torch.sigmoid(ga + rows.double() @ gb)
-        parameters[a] = effective_parameters(rows, w[a], ga, gb)
+        parameters[a] = effective_parameters(rows, w[a], ga, gb, areas=areas[a, :s])
         fresh = (torch.rand(POPULATION_ROWS, s, generator=generators[a]) < 0.5).double()
         fresh_w = lime_weights(fresh[None], counts[a:a + 1], kernel_width)[0]
         # the normal equations: well conditioned at 20,000 rows, and 50× faster than gelsd
