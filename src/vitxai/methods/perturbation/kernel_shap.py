@@ -16,7 +16,7 @@ Score Sampling", ICLR: the rows' leverage scores are equal within a size and the
 equal across sizes); on real models it needs about 1.3× fewer evaluations for the same error
 (docs/methods.md). ``surrogate="logistic"`` adds the Shapley values of a logistic fit to the
 samples and estimates only the rest by KernelSHAP (regression adjustment, Witter et al. 2025;
-:mod:`~vitxai.methods.perturbation.surrogate`): 1.5–1.6× fewer evaluations for the same
+:mod:`~vitxai.methods.perturbation.surrogate`): 1.6–2.2× fewer evaluations for the same
 error on the bundled benchmark's probabilities (docs/methods.md). ``n_samples="auto"``
 samples until the estimated standard error is small
 (:mod:`~vitxai.methods.perturbation.stopping`).
