@@ -22,6 +22,9 @@ paired LIME). Designs:
   (``sampling="orthogonal"``), each unpaired and paired.
 
     python benchmarks/sampling_designs.py --out benchmarks/results/sampling-designs.json
+    # the surrogate's area prior on images it was not chosen on
+    python benchmarks/sampling_designs.py --first-image 6 --images 6 --only surrogate \
+        --out benchmarks/results/sampling-designs-images-6-11.json
     python benchmarks/sampling_designs.py --quick   # smoke test (< 1 min): numbers mean nothing
 """
 
@@ -159,7 +162,9 @@ KERNEL_SHAP: dict[str, tuple[Design, Adjustment]] = {
     "leverage + surrogate, common ridge": (leverage_design, "common ridge"),
     "leverage + surrogate, area prior (vitxai)": (leverage_design, "area prior"),
 }
+KERNEL_SHAP_BASELINE = "leverage, i.i.d. sizes (vitxai)"
 #: LIME: label → (paired, sampling); "bernoulli paired" is the baseline
+LIME_BASELINE = "bernoulli paired"
 LIME = {"bernoulli": (False, "bernoulli"), "bernoulli paired": (True, "bernoulli"),
         "orthogonal": (False, "orthogonal"), "orthogonal paired": (True, "orthogonal")}
 
@@ -167,6 +172,11 @@ LIME = {"bernoulli": (False, "bernoulli"), "bernoulli paired": (True, "bernoulli
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2)
+    p.add_argument("--first-image", type=int, default=0,
+                   help="index of the first benchmark image (e.g. 6: images the designs were "
+                        "not chosen on)")
+    p.add_argument("--only", default="",
+                   help="run only the designs whose label contains this text (e.g. surrogate)")
     p.add_argument("--draws", type=int, default=8)
     p.add_argument("--kernel-shap-samples", type=int, default=250)
     p.add_argument("--lime-samples", type=int, default=450)
@@ -178,11 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         args.images, args.draws, args.reference = 1, 2, 400
         args.kernel_shap_samples, args.lime_samples = 120, 120
     adapter, model_note = load_adapter("bundled", pretrained=False)
-    images = load_images(adapter, args.images)
+    images = load_images(adapter, args.first_image + args.images)[args.first_image:]
     targets = adapter.predict(images).argmax(1).cpu()
     segments = [P.shared_segments(BatchContext.for_batch(1), images[i:i + 1],
                                   P.SegmentationParams())[0] for i in range(args.images)]
-
     areas = [P.feature_areas(seg[None], torch.tensor([int(seg.max()) + 1]))[0]
              for seg in segments]
 
@@ -190,35 +199,46 @@ def main(argv: list[str] | None = None) -> int:
         return P.evaluate_coalitions(adapter, images[i:i + 1], segments[i][None], z[None],
                                      targets[i:i + 1])[0]
 
+    def chosen(designs: dict[str, Any], base: str) -> dict[str, Any]:
+        """The designs --only selects, with the method's baseline when any is selected."""
+        if not any(args.only in label for label in designs):
+            return {}
+        return {k: v for k, v in designs.items() if args.only in k or k == base}
+
+    kernel_shap_designs = chosen(KERNEL_SHAP, KERNEL_SHAP_BASELINE)
+    lime_designs = chosen(LIME, LIME_BASELINE)
     rows: list[dict[str, Any]] = []
     for i in range(args.images):
-        s = int(segments[i].max()) + 1
+        s, image = int(segments[i].max()) + 1, args.first_image + i
         start = time.perf_counter()
-        z, w = leverage_design(s, args.reference, torch.Generator().manual_seed(99))
-        ks_ref = kernel_shap_fit(z, score(i, z), w)
-        z = P.lime_coalitions(BatchContext.for_batch(1, 99), torch.tensor([s]),
-                              args.reference, True)[0]
-        lime_ref = lime_fit(z, score(i, z))
-        print(f"image {i}: {s} features, references {time.perf_counter() - start:.0f} s",
+        if kernel_shap_designs:
+            z, w = leverage_design(s, args.reference, torch.Generator().manual_seed(99))
+            ks_ref = kernel_shap_fit(z, score(i, z), w)
+        if lime_designs:
+            z = P.lime_coalitions(BatchContext.for_batch(1, 99), torch.tensor([s]),
+                                  args.reference, True)[0]
+            lime_ref = lime_fit(z, score(i, z))
+        print(f"image {image}: {s} features, references {time.perf_counter() - start:.0f} s",
               flush=True)
         for draw in range(args.draws):
-            seed = 1000 * i + draw
-            for label, (design, adjustment) in KERNEL_SHAP.items():
+            seed = 1000 * image + draw
+            for label, (design, adjustment) in kernel_shap_designs.items():
                 z, w = design(s, args.kernel_shap_samples, torch.Generator().manual_seed(seed))
                 phi = kernel_shap_fit(z, score(i, z), w, adjustment, areas[i])
-                rows.append({"method": "kernel_shap", "design": label, "image": i,
+                rows.append({"method": "kernel_shap", "design": label, "image": image,
                              "draw": draw, "evaluations": len(z),
                              "error": float((phi - ks_ref).norm() / ks_ref.norm())})
-            for label, (paired, sampling) in LIME.items():
+            for label, (paired, sampling) in lime_designs.items():
                 z = P.lime_coalitions(BatchContext.for_batch(1, seed), torch.tensor([s]),
                                       args.lime_samples, paired, sampling)[0]
                 phi = lime_fit(z, score(i, z))
-                rows.append({"method": "lime", "design": label, "image": i, "draw": draw,
+                rows.append({"method": "lime", "design": label, "image": image, "draw": draw,
                              "evaluations": len(z),
                              "error": float((phi - lime_ref).norm() / lime_ref.norm())})
     summary = []
-    for method, base in (("kernel_shap", "leverage, i.i.d. sizes (vitxai)"),
-                         ("lime", "bernoulli paired")):
+    for method, base in (("kernel_shap", KERNEL_SHAP_BASELINE), ("lime", LIME_BASELINE)):
+        if not any(r["method"] == method for r in rows):
+            continue
         mean = {d: float(np.mean([r["error"] for r in rows
                                   if r["method"] == method and r["design"] == d]))
                 for d in dict.fromkeys(r["design"] for r in rows if r["method"] == method)}
@@ -226,14 +246,16 @@ def main(argv: list[str] | None = None) -> int:
             summary.append({"method": method, "design": d, "mean_error": e,
                             "evaluations_factor": (mean[base] / e) ** 2})
     out = {"machine": machine_info(), "model": model_note, "images": args.images,
+           "first_image": args.first_image, "only": args.only,
            "draws": args.draws, "reference_samples": args.reference, "quick": args.quick,
            "kernel_shap_samples": args.kernel_shap_samples, "lime_samples": args.lime_samples,
            "rows": rows, "summary": summary}
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2, default=str) + "\n", encoding="utf-8")
+    last = args.first_image + args.images - 1
     lines = [f"Normalised L2 error against a {args.reference}-sample reference, mean over "
-             f"{args.images} images × {args.draws} draws; KernelSHAP at "
+             f"images {args.first_image}–{last} × {args.draws} draws; KernelSHAP at "
              f"{args.kernel_shap_samples} evaluations, LIME at {args.lime_samples}. The last "
              "column is how many times fewer evaluations a design needs than the method's "
              "baseline (KernelSHAP: i.i.d. leverage sizes; LIME: paired Bernoulli rows) for "
