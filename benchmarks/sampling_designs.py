@@ -192,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = adapter.predict(images).argmax(1).cpu()
     segments = [P.shared_segments(BatchContext.for_batch(1), images[i:i + 1],
                                   P.SegmentationParams())[0] for i in range(args.images)]
-    areas = [P.feature_areas(seg[None], torch.tensor([int(seg.max()) + 1]))[0]
-             for seg in segments]
+    areas = [P.feature_areas(seg[None], P.num_segments(seg[None]))[0] for seg in segments]
 
     def score(i: int, z: torch.Tensor) -> torch.Tensor:
         return P.evaluate_coalitions(adapter, images[i:i + 1], segments[i][None], z[None],
