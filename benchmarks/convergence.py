@@ -25,6 +25,11 @@ runs (default tolerance) report the evaluations they chose, their estimated stan
 and their actual error. Writes a JSON, a markdown table and a plot.
 
     python benchmarks/convergence.py --images 2 --out benchmarks/results/convergence.json
+    # KernelSHAP and LIME at their equal-error counts on images 6-11 (chosen on none of them)
+    python benchmarks/convergence.py --first-image 6 --images 6 --budgets 224,250,316,1000 \
+        --draws 8 --no-auto --estimators "vitxai KernelSHAP pixel paired leverage logistic,\
+    captum KernelShap,vitxai LIME pixel paired orthogonal logistic,lime_image" \
+        --out benchmarks/results/convergence-images-6-11.json
     python benchmarks/convergence.py --quick    # smoke test (< 1 min): the numbers mean nothing
 """
 
@@ -203,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="'bundled' (trained, small: fits the 10-minute budget on 2 cores) or a "
                         "timm name (random weights)")
     p.add_argument("--images", type=int, default=2)
+    p.add_argument("--first-image", type=int, default=0,
+                   help="index of the first benchmark image (e.g. 6: images that no design "
+                        "or count was chosen on)")
     p.add_argument("--budgets", default="50,100,250,500,1000,2000")
     p.add_argument("--reference", type=int, default=20000, help="samples of each reference")
     p.add_argument("--estimators", default="",
@@ -236,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = {e.strip() for e in args.estimators.split(",") if e.strip()}
     estimators = [e for e in ESTIMATORS if not wanted or e[0] in wanted]
     adapter, model_note = load_adapter(args.model, pretrained=False)
-    images = load_images(adapter, n)
+    first = args.first_image
+    images = load_images(adapter, first + n)[first:]
     targets = adapter.predict(images).argmax(1).cpu()
     segments = [shared_segments(BatchContext.for_batch(1), images[i:i + 1],
                                 SegmentationParams())[0] for i in range(n)]
@@ -248,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         x, t = images[i:i + 1], int(targets[i])
         big = budget == reference or budget == "auto"
         if tool == "vitxai":
-            return vitxai_run(adapter, x, t, method, params, budget, seed, i)
+            return vitxai_run(adapter, x, t, method, params, budget, seed, first + i)
         if tool == "lime_image":  # its default batch of 10, timed; 64 for the references
             return lime_image_run(adapter, x, t, int(budget), seed, 64 if big else 10)
         return captum_run(adapter, x, t, segments[i], int(budget), seed, 64 if big else 1)
@@ -261,16 +270,16 @@ def main(argv: list[str] | None = None) -> int:
             if (ref_label, i) not in refs:
                 start = time.perf_counter()
                 refs[ref_label, i] = run(ref_label, i, reference, REFERENCE_SEED)[0]
-                print(f"  reference {ref_label} image {i}: {time.perf_counter() - start:.1f} s",
-                      flush=True)
+                seconds = time.perf_counter() - start
+                print(f"  reference {ref_label} image {first + i}: {seconds:.1f} s", flush=True)
             auto = [] if args.no_auto or not label.startswith("vitxai") else ["auto"]
             for draw, budget in itertools.product(
                     range(args.draws), auto if args.auto_only else budgets + auto):
                 phi, seconds, extra = run(label, i, budget, draw)
-                rows.append({"estimator": label, "image": i, "budget": budget, "draw": draw,
-                             "seconds": seconds, **extra, **errors(phi, refs[ref_label, i]),
-                             "features": len(phi)})
-                print(f"  {label:<38} image {i} draw {draw} n={budget!s:>5}: "
+                rows.append({"estimator": label, "image": first + i, "budget": budget,
+                             "draw": draw, "seconds": seconds, **extra,
+                             **errors(phi, refs[ref_label, i]), "features": len(phi)})
+                print(f"  {label:<38} image {first + i} draw {draw} n={budget!s:>5}: "
                       f"1-ρ {rows[-1]['one_minus_spearman']:.4f}  "
                       f"L2 {rows[-1]['normalised_l2']:.4f}  {seconds:.2f} s", flush=True)
     labels = [e[0] for e in estimators]
@@ -285,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         machines = before.get("machines", [before["machine"]]) + machines
     table = summarise(rows, budgets, labels)
     out = {"machine": machines[-1], "machines": machines, "model": model_note, "images": n,
+           "first_image": first,
            "budgets": budgets,
            "reference_samples": reference, "reference_seed": REFERENCE_SEED,
            "quick": args.quick, "targets": targets.tolist(), "rows": rows, "summary": table,
