@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = adapter.predict(images).argmax(1).cpu()
     segments = [P.shared_segments(BatchContext.for_batch(1), images[i:i + 1],
                                   P.SegmentationParams())[0] for i in range(args.images)]
-    areas = [P.feature_areas(seg[None], P.num_segments(seg[None]))[0] for seg in segments]
+    counts = P.num_segments(torch.stack(segments))
+    areas = P.feature_areas(torch.stack(segments), counts)  # (images, S_max), 0 on padding
 
     def score(i: int, z: torch.Tensor) -> torch.Tensor:
         return P.evaluate_coalitions(adapter, images[i:i + 1], segments[i][None], z[None],
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     lime_designs = chosen(LIME, LIME_BASELINE)
     rows: list[dict[str, Any]] = []
     for i in range(args.images):
-        s, image = int(segments[i].max()) + 1, args.first_image + i
+        s, image = int(counts[i]), args.first_image + i
         start = time.perf_counter()
         if kernel_shap_designs:
             z, w = leverage_design(s, args.reference, torch.Generator().manual_seed(99))
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             seed = 1000 * image + draw
             for label, (design, adjustment) in kernel_shap_designs.items():
                 z, w = design(s, args.kernel_shap_samples, torch.Generator().manual_seed(seed))
-                phi = kernel_shap_fit(z, score(i, z), w, adjustment, areas[i])
+                phi = kernel_shap_fit(z, score(i, z), w, adjustment, areas[i, :s])
                 rows.append({"method": "kernel_shap", "design": label, "image": image,
                              "draw": draw, "evaluations": len(z),
                              "error": float((phi - ks_ref).norm() / ks_ref.norm())})
