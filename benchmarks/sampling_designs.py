@@ -15,9 +15,11 @@ paired LIME). Designs:
   surrogate σ(a + b·z) whose Shapley values are computed without the model, plus KernelSHAP
   of the residual; after Goldwasser & Hooker 2024, "Stabilizing Estimates of Shapley Values
   with Control Variates"). The log-odds fit is the variant that fails: vitxai's
-  ``surrogate="logistic"`` fits the probabilities with a ridge penalty instead, here with one
-  penalty for every superpixel and with vitxai's area prior (the penalty on a superpixel's
-  coefficient ∝ 1 / its area²); ``convergence.py`` measures it across budgets.
+  ``surrogate="logistic"`` fits the probabilities with a ridge penalty instead, here additive
+  with one penalty for every superpixel and with vitxai's area prior (the penalty on a
+  superpixel's coefficient ∝ 1 / its area²), and as vitxai fits it: the area prior and
+  pairwise interactions between the strongest superpixels; ``convergence.py`` measures it
+  across budgets.
 - LIME: independent Bernoulli(½) rows and randomised orthogonal arrays
   (``sampling="orthogonal"``), each unpaired and paired.
 
@@ -45,7 +47,7 @@ import torch
 import vitxai.methods.perturbation as P
 from vitxai.methods import BatchContext
 from vitxai.methods.perturbation.kernel_shap import adjusted_shapley_fit
-from vitxai.methods.perturbation.surrogate import logistic_shapley
+from vitxai.methods.perturbation.surrogate import LogisticSurrogate, fit_logistic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import load_adapter, load_images, machine_info  # noqa: E402
@@ -123,11 +125,19 @@ def kernel_shap_fit(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
     """KernelSHAP of one image's samples, plain or adjusted (see :data:`KERNEL_SHAP`);
     ``areas`` (S,): the superpixels' pixel counts, for the area prior."""
     counts = torch.tensor([z.shape[1]])
-    if adjustment in ("common ridge", "area prior"):
+    if adjustment in ("common ridge", "area prior"):  # additive surrogates, as first shipped
         prior = areas if adjustment == "area prior" else torch.ones(z.shape[1])
+        used = w > 0
+        used[:2] = True
+        ww = w[used].clone()
+        ww[:2] = ww[2:].mean()
+        g = fit_logistic(z[used], y[used], ww, areas=prior, interacting=0)
+        residual = P.constrained_shapley_fit(z[None], (y - g(z))[None], w[None], counts)[0]
+        return g.shapley(torch.Generator().manual_seed(0)) + residual
+    if adjustment == "interactions":
         return adjusted_shapley_fit(z[None], y[None], w[None], counts, "logistic",
                                     torch.tensor([False]), [torch.Generator().manual_seed(0)],
-                                    prior[None]).phi[0]
+                                    areas[None]).phi[0]
     fit = P.constrained_shapley_fit(z[None], y[None], w[None], counts)[0]
     if adjustment is None:
         return fit
@@ -135,7 +145,8 @@ def kernel_shap_fit(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
     b = P.constrained_shapley_fit(z[None], odds[None], w[None], counts)[0]
     surrogate = torch.sigmoid(odds[0] + z.double() @ b)
     residual = P.constrained_shapley_fit(z[None], (y - surrogate)[None], w[None], counts)[0]
-    return logistic_shapley(odds[0], b, torch.Generator().manual_seed(0), 20_000) + residual
+    return LogisticSurrogate.additive(odds[0], b).shapley(torch.Generator().manual_seed(0),
+                                                          20_000) + residual
 
 
 def lime_fit(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -145,9 +156,10 @@ def lime_fit(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 #: how KernelSHAP's samples are fitted: plain (None); a logistic control variate fitted to the
-#: log-odds; or vitxai's ``surrogate="logistic"`` (probabilities) with a common ridge penalty
-#: or with its area prior (the penalty on a superpixel's coefficient ∝ 1 / area²)
-Adjustment = Literal[None, "log-odds", "common ridge", "area prior"]
+#: log-odds; an additive logistic surrogate fitted to the probabilities with a common ridge
+#: penalty or with vitxai's area prior (the penalty on a superpixel's coefficient ∝ 1 / area²);
+#: or vitxai's ``surrogate="logistic"``: the area prior and pairwise interactions
+Adjustment = Literal[None, "log-odds", "common ridge", "area prior", "interactions"]
 #: KernelSHAP: label → (design, adjustment); the first is the baseline
 KERNEL_SHAP: dict[str, tuple[Design, Adjustment]] = {
     "leverage, i.i.d. sizes (vitxai)": (leverage_design, None),
@@ -160,7 +172,9 @@ KERNEL_SHAP: dict[str, tuple[Design, Adjustment]] = {
         paired_design(stratified=True, enumerate_ends=True), None),
     "leverage + logistic control variate": (leverage_design, "log-odds"),
     "leverage + surrogate, common ridge": (leverage_design, "common ridge"),
-    "leverage + surrogate, area prior (vitxai)": (leverage_design, "area prior"),
+    "leverage + surrogate, area prior": (leverage_design, "area prior"),
+    "leverage + surrogate, area prior, interactions (vitxai)": (leverage_design,
+                                                                "interactions"),
 }
 KERNEL_SHAP_BASELINE = "leverage, i.i.d. sizes (vitxai)"
 #: LIME: label → (paired, sampling); "bernoulli paired" is the baseline

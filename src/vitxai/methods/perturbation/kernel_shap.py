@@ -16,8 +16,9 @@ Score Sampling", ICLR: the rows' leverage scores are equal within a size and the
 equal across sizes); on real models it needs about 1.3× fewer evaluations for the same error
 (docs/methods.md). ``surrogate="logistic"`` adds the Shapley values of a logistic fit to the
 samples and estimates only the rest by KernelSHAP (regression adjustment, Witter et al. 2025;
-:mod:`~vitxai.methods.perturbation.surrogate`): 1.6–2.2× fewer evaluations for the same
-error on the bundled benchmark's probabilities (docs/methods.md). ``n_samples="auto"``
+:mod:`~vitxai.methods.perturbation.surrogate`; with pairwise interactions between the
+strongest features inside the logistic): 2.2× fewer evaluations for the same error on the
+bundled benchmark's probabilities (docs/methods.md). ``n_samples="auto"``
 samples until the estimated standard error is small
 (:mod:`~vitxai.methods.perturbation.stopping`).
 """
@@ -114,7 +115,9 @@ class KernelShapParams:
         sampling: "kernel" (sizes drawn from the Shapley kernel, unit weights: captum's and
             shap's scheme) or "leverage" (sizes uniform, rows weighted by kernel / sampling
             probability; Musco & Witter 2025), see :func:`kernel_shap_coalitions`.
-        surrogate: None, or "logistic": fit σ(a + b·z) to the sampled scores, take its
+        surrogate: None, or "logistic": fit σ(a + b·z + Σ c_jk z_j z_k) (a few pairwise
+            interactions, :func:`~vitxai.methods.perturbation.surrogate.fit_logistic`) to
+            the sampled scores, take its
             Shapley values (computed without the model) and estimate only the residual game
             by KernelSHAP (:mod:`~vitxai.methods.perturbation.surrogate`); needs
             ``score="probability"``. Images whose coalitions are enumerated are exact and
