@@ -371,15 +371,38 @@ def test_ctrl_c_while_importing_torch(monkeypatch, capsys) -> None:
     assert capsys.readouterr().err.splitlines() == [INTERRUPTED]
 
 
-def test_real_sigint_at_start_up() -> None:
-    """SIGINT 50 ms into main(), while torch and timm are still being imported."""
-    code = ("import os, signal, threading, sys\n"
-            "from vitxai.cli import main\n"
-            "threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
-            "sys.exit(main(['methods']))\n")
+def _run_with_sigint(trigger: str) -> subprocess.CompletedProcess:
+    """Run ``main(['methods'])`` in a fresh interpreter, a real SIGINT sent at ``trigger``."""
+    code = ("import os, signal, sys\n"
+            "from vitxai.cli import main\n" + trigger + "sys.exit(main(['methods']))\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONSTARTUP"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=env)
+
+
+def test_real_sigint_while_numpy_imports_datetime() -> None:
+    """The interrupt lands inside numpy's C import of ``datetime``, which turns it into an
+    ImportError with a page of advice: still one line and 130."""
+    trigger = ("class Interrupt:\n"
+               "    def find_spec(self, name, path, target=None):\n"
+               "        if name == 'datetime':\n"
+               "            print('sent', flush=True)\n"
+               "            os.kill(os.getpid(), signal.SIGINT)\n"
+               "sys.meta_path.insert(0, Interrupt())\n"
+               "assert 'datetime' not in sys.modules and 'numpy' not in sys.modules\n")
+    done = _run_with_sigint(trigger)
+    assert done.stdout.splitlines()[:1] == ["sent"]
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.splitlines() == [INTERRUPTED]
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.5, 1.0])
+def test_real_sigint_at_start_up(delay: float) -> None:
+    """SIGINT at ``delay`` seconds into main(), while torch and timm are still being
+    imported (a kernel timer: it fires on time however busy the interpreter is)."""
+    trigger = ("signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGINT))\n"
+               f"signal.setitimer(signal.ITIMER_REAL, {delay})\n")
+    done = _run_with_sigint(trigger)
     assert done.returncode == 130, done.stderr
     assert done.stderr.splitlines() == [INTERRUPTED]
 

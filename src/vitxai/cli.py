@@ -45,6 +45,8 @@ VALUE_OPTIONS = {"device": "--device", "checkpoint": "--checkpoint",
                  "crop_pct": "--crop-pct", "resize": "--resize",
                  "interpolation": "--interpolation", "img_size": "--img-size",
                  "num_classes": "--num-classes", "probe": "--probe", "labels": "--labels"}
+#: set by the SIGINT handler that ``main`` installs, cleared when ``main`` starts
+_INTERRUPTED = threading.Event()
 _VALUE_PARAMETER = re.compile(r"(?<![\w.])(" + "|".join(VALUE_OPTIONS)
                               + r")=(?:'([^']*)'|([^\s:;,)']+))")
 #: ... switches, and other library wording → command-line wording
@@ -887,6 +889,8 @@ def _run(args: argparse.Namespace) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, ModelLoadError, RunDirectoryError,
             DownloadError, torch.OutOfMemoryError) as e:  # OOM: after the batch size backed off
+        if _INTERRUPTED.is_set():  # the error is what an interrupt became
+            raise KeyboardInterrupt from e
         if isinstance(e, OSError) and e.errno is not None:
             message = _io_error_line(e)
         else:
@@ -895,31 +899,55 @@ def _run(args: argparse.Namespace) -> int:
         print(f"vitxai: error: {message}", file=sys.stderr)
         return 2
     except (OSError, SafetensorError) as e:  # full disk, read-only or misnamed paths, ...
+        if _INTERRUPTED.is_set():
+            raise KeyboardInterrupt from e
         print(f"vitxai: error: {_io_error_line(e)}", file=sys.stderr)
         return 1
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGINT handler: raise KeyboardInterrupt as Python's does, and remember it."""
+    _INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vitxai`` console script."""
-    if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if hasattr(signal, "SIGXFSZ") and in_main_thread:
         # A write past the file-size limit (ulimit -f) first raises SIGXFSZ, whose default
         # action kills the process without a word; ignored, the write fails with
         # OSError(EFBIG), which is reported as one line like any other I/O error.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # A KeyboardInterrupt raised while a C extension imports a module (numpy's import of
+    # datetime, say) comes out as that extension's ImportError, and code that catches
+    # everything may swallow it; the remembered interrupt still ends the run as Ctrl-C.
+    _INTERRUPTED.clear()
+    previous_handler = signal.signal(signal.SIGINT, _interrupt) if in_main_thread else None
     format_warning = warnings.formatwarning
-    # a warning is one line too (the default adds the source line that raised it)
+    # a warning is one line too (the default adds the source line that raised it); warnings
+    # after an interrupt are its consequences (a half-imported numpy) and stay unsaid
     warnings.formatwarning = (
-        lambda message, *_, **__: f"vitxai: warning: {_cli_wording(str(message))}\n")
+        lambda message, *_, **__: "" if _INTERRUPTED.is_set()
+        else f"vitxai: warning: {_cli_wording(str(message))}\n")
     try:  # everything, heavy imports included, so that Ctrl-C at start-up is one line too
         args = build_parser().parse_args(argv)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        return _run(args)
+        code = _run(args)
     except KeyboardInterrupt:
+        _INTERRUPTED.set()
+    except Exception:
+        if not _INTERRUPTED.is_set():
+            raise
+    finally:
+        warnings.formatwarning = format_warning
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+    if _INTERRUPTED.is_set():
         print("vitxai: interrupted; finished batches are saved, rerun the same command to "
               "resume", file=sys.stderr)
         return 130
-    finally:
-        warnings.formatwarning = format_warning
+    return code
 
 
 if __name__ == "__main__":
