@@ -47,7 +47,10 @@ import torch
 import vitxai.methods.perturbation as P
 from vitxai.methods import BatchContext
 from vitxai.methods.perturbation.kernel_shap import adjusted_shapley_fit
-from vitxai.methods.perturbation.surrogate import LogisticSurrogate, fit_logistic
+from vitxai.methods.perturbation.surrogate import (
+    LogisticSurrogate,
+    fit_to_kernel_shap_samples,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import load_adapter, load_images, machine_info  # noqa: E402
@@ -127,11 +130,7 @@ def kernel_shap_fit(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
     counts = torch.tensor([z.shape[1]])
     if adjustment in ("common ridge", "area prior"):  # additive surrogates, as first shipped
         prior = areas if adjustment == "area prior" else torch.ones(z.shape[1])
-        used = w > 0
-        used[:2] = True
-        ww = w[used].clone()
-        ww[:2] = ww[2:].mean()
-        g = fit_logistic(z[used], y[used], ww, areas=prior, interacting=0)
+        g = fit_to_kernel_shap_samples(z, y, w, areas=prior, interacting=0)
         residual = P.constrained_shapley_fit(z[None], (y - g(z))[None], w[None], counts)[0]
         return g.shapley(torch.Generator().manual_seed(0)) + residual
     if adjustment == "interactions":

@@ -16,7 +16,7 @@ from vitxai.models import load_model
 from vitxai.models.probe import LinearProbe, load_probe, save_probe
 from vitxai.probing import (
     Features,
-    fit_logistic,
+    fit_multinomial,
     fit_probe,
     folder_class_labels,
     heldout_split,
@@ -37,7 +37,7 @@ def test_logistic_fit_is_sklearns_multinomial_optimum():
 
     x, y = blobs()
     lam = 0.05
-    w, b = fit_logistic(x, y, 3, lam)
+    w, b = fit_multinomial(x, y, 3, lam)
     ref = LogisticRegression(C=1 / (lam * len(y)), tol=1e-12, max_iter=10_000).fit(x, y)
     ours = torch.softmax(x @ w.T + b, 1).numpy()
     np.testing.assert_allclose(ours, ref.predict_proba(x.numpy()), atol=1e-5)

@@ -15,7 +15,11 @@ import vitxai.methods.perturbation as P
 from vitxai.methods.base import BatchContext, attribute, get_method, params_record
 from vitxai.methods.perturbation.kernel_shap import adjusted_shapley_fit
 from vitxai.methods.perturbation.lime import adjusted_ridge
-from vitxai.methods.perturbation.surrogate import LogisticSurrogate, fit_logistic
+from vitxai.methods.perturbation.surrogate import (
+    LogisticSurrogate,
+    fit_logistic,
+    fit_to_kernel_shap_samples,
+)
 from vitxai.models.adapter import ModelAdapter
 
 Game = Callable[[torch.Tensor], torch.Tensor]
@@ -130,12 +134,9 @@ def test_area_prior_is_a_ridge_on_area_scaled_features() -> None:
 def adjusted_estimate(z: torch.Tensor, y: torch.Tensor, w: torch.Tensor, seed: int,
                       **fit: object) -> torch.Tensor:
     """φ(ĝ) + KernelSHAP(y − ĝ) of one image's samples (z (1, n, S), y and w (1, n)) with
-    ĝ = fit_logistic(**fit), as :func:`adjusted_shapley_fit` computes it."""
-    s, used = z.shape[2], w[0] > 0
-    used[:2] = True
-    ww = w[0, used].clone()
-    ww[:2] = ww[2:].mean()
-    g = fit_logistic(z[0, used], y[0, used], ww, **fit)
+    ĝ fitted with ``fit`` as :func:`adjusted_shapley_fit` fits it."""
+    s = z.shape[2]
+    g = fit_to_kernel_shap_samples(z[0], y[0], w[0], **fit)
     residual = (y[0] - g(z[0]))[None]
     return (g.shapley(torch.Generator().manual_seed(seed))
             + P.constrained_shapley_fit(z, residual, w, torch.tensor([s]))[0])

@@ -178,7 +178,7 @@ def heldout_split(labels: torch.Tensor, fraction: float, seed: int
     return torch.cat(train).sort().values, torch.cat(held).sort().values
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
+def fit_multinomial(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None,
                  max_iter: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on standardised x: argmin mean CE + λ/2·‖W‖².
@@ -261,7 +261,7 @@ def fit_probe(features: Features, readout: str, num_prefix_tokens: int, *,
     grid: dict[str, float] = {}
     best, init = None, None
     for l2 in sorted(l2_grid, reverse=True):  # strong to weak: warm starts converge fast
-        init = fit_logistic(z[train], y[train], len(seen), l2, init)
+        init = fit_multinomial(z[train], y[train], len(seen), l2, init)
         accuracy, loss = _scores(z[held], y[held], *init)
         grid[f"{l2:g}"] = accuracy
         # the best held-out accuracy; ties (frequent on small held-out sets) by log-loss
@@ -270,7 +270,7 @@ def fit_probe(features: Features, readout: str, num_prefix_tokens: int, *,
     l2, (heldout_acc, _) = best
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
     z = (x - mu) / sd
-    w, b = fit_logistic(z, y, len(seen), l2)
+    w, b = fit_multinomial(z, y, len(seen), l2)
     train_acc = _scores(z, y, w, b)[0]
     # fold the standardisation into the weights: W(x − μ)/σ + b = (W/σ)x + (b − W/σ·μ)
     w = w / sd

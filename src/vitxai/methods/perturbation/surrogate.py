@@ -106,15 +106,10 @@ class LogisticSurrogate(NamedTuple):
         return cls(a, b, torch.zeros(0, 2, dtype=torch.long),
                    torch.zeros(0, dtype=torch.float64), parameters)
 
-    def design(self, z: torch.Tensor) -> torch.Tensor:
-        """(n, 1 + S + P) float64 rows [1, z, z_j z_k] of coalitions z (n, S)."""
-        z = z.double()
-        return torch.cat([torch.ones(len(z), 1, dtype=torch.float64), z,
-                          z[:, self.pairs[:, 0]] * z[:, self.pairs[:, 1]]], 1)
-
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         """g(z), (n,) float64, for coalitions z (n, S) bool or 0/1."""
-        return torch.sigmoid(self.design(z) @ torch.cat([self.a.reshape(1), self.b, self.c]))
+        return torch.sigmoid(design(z, self.pairs)
+                             @ torch.cat([self.a.reshape(1), self.b, self.c]))
 
     def shapley(self, generator: torch.Generator, pairs: int = PERMUTATION_PAIRS
                 ) -> torch.Tensor:
@@ -141,6 +136,14 @@ class LogisticSurrogate(NamedTuple):
             gain = torch.sigmoid(self.a + logits.cumsum(1)).diff(dim=1)
             values.index_add_(0, order.flatten(), gain.flatten())
         return values / (2 * pairs)
+
+
+def design(z: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """(n, 1 + S + P) float64 rows [1, z, z_j z_k] of coalitions z (n, S), (j, k) = pairs[p]
+    ((P, 2) long): the regressors of :class:`LogisticSurrogate`'s logit."""
+    z = z.double()
+    return torch.cat([torch.ones(len(z), 1, dtype=torch.float64), z,
+                      z[:, pairs[:, 0]] * z[:, pairs[:, 1]]], 1)
 
 
 def _levenberg_marquardt(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
@@ -223,9 +226,7 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
         areas = areas.double()
         penalty[1:] *= (areas.mean() / areas) ** 2
     penalty[0] = 0.0
-    additive = LogisticSurrogate.additive(torch.zeros((), dtype=torch.float64),
-                                          torch.zeros(s, dtype=torch.float64))
-    x = additive.design(z)
+    x = design(z, torch.zeros(0, 2, dtype=torch.long))
     theta = torch.zeros(s + 1, dtype=torch.float64)
     theta[0] = torch.logit((w * y).sum().clamp(1e-4, 1 - 1e-4))
     theta = _levenberg_marquardt(x, y, w, penalty, theta)
@@ -235,7 +236,7 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
     if len(top) < 2:
         return best
     pairs = torch.combinations(top.sort().values, 2)
-    x = additive._replace(pairs=pairs).design(z)
+    x = design(z, pairs)
     penalty = torch.cat([penalty, torch.full((len(pairs),), float(interaction_ridge),
                                              dtype=torch.float64)])
     theta = _levenberg_marquardt(x, y, w, penalty, torch.cat(
@@ -252,6 +253,25 @@ def _generalised_cross_validation(g: LogisticSurrogate, z: torch.Tensor, y: torc
     error, inf when the fit has as many parameters as samples."""
     spare = 1 - g.parameters / len(z)
     return float((w * (y - g(z)) ** 2).sum()) / spare**2 if spare > 0 else math.inf
+
+
+def fit_to_kernel_shap_samples(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+                               areas: torch.Tensor | None = None,
+                               interacting: int = INTERACTING) -> LogisticSurrogate:
+    """:func:`fit_logistic` to one image's KernelSHAP samples: the rows of positive weight and
+    the two endpoints, which KernelSHAP constrains rather than weighs but which are exact values
+    of the game, weighted as the mean sample.
+
+    Args:
+        z: (n, S) coalitions, row 0 empty and row 1 full. y: (n,) scores (any value where the
+            weight is 0 on rows ≥ 2). weights: (n,) KernelSHAP's regression weights.
+        areas, interacting: as :func:`fit_logistic`.
+    """
+    used = weights > 0
+    used[:2] = True
+    w = weights[used].double()
+    w[:2] = w[2:].mean() if len(w) > 2 else 1.0
+    return fit_logistic(z[used], y[used], w, areas=areas, interacting=interacting)
 
 
 def logistic_adjustment(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
@@ -271,7 +291,7 @@ def logistic_adjustment(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
 
     Returns:
         surrogate_phi (B, S_max) float64, 0 on padding and unadjusted images; surrogate
-        (B, n) float64 values ĝ(z) (0 where not adjusted or unused), so that
+        (B, n) float64 values ĝ(z) (0 where not adjusted), so that
         φ = surrogate_phi + KernelSHAP(y − surrogate) is the adjusted estimate; and (B,)
         the fit's effective parameters (0 where not adjusted).
     """
@@ -280,13 +300,8 @@ def logistic_adjustment(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
     parameters = torch.zeros(z.shape[0], dtype=torch.float64)
     for i in torch.nonzero(adjust).flatten().tolist():
         s = int(counts[i])
-        used = weights[i] > 0
-        used[:2] = True  # the endpoints are exact values of the game: fit them too
-        w = weights[i, used].clone()
-        w[:2] = w[2:].mean() if len(w) > 2 else 1.0
-        rows = z[i, used, :s]
-        surrogate = fit_logistic(rows, y[i, used], w, areas=areas[i, :s])
+        surrogate = fit_to_kernel_shap_samples(z[i, :, :s], y[i], weights[i], areas[i, :s])
         phi[i, :s] = surrogate.shapley(generators[i])
-        fitted[i, used] = surrogate(rows)
+        fitted[i] = surrogate(z[i, :, :s])
         parameters[i] = surrogate.parameters
     return phi, fitted, parameters
