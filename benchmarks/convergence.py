@@ -240,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     path = Path(args.out)
     if args.pool:
-        write(pool([Path(f) for f in args.pool.split(",")]), path)
+        try:
+            pooled = pool([Path(f) for f in args.pool.split(",")])
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--pool: {e}")
+        write(pooled, path)
         return 0
     if args.render:
         out = json.loads(path.read_text(encoding="utf-8"))
