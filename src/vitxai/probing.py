@@ -179,8 +179,8 @@ def heldout_split(labels: torch.Tensor, fraction: float, seed: int
 
 
 def fit_multinomial(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float,
-                 init: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 max_iter: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+                    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    max_iter: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on standardised x: argmin mean CE + λ/2·‖W‖².
 
     Args:
