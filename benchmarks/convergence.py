@@ -15,7 +15,9 @@ seed): 1 − Spearman ρ over the features, and the normalised L2 distance
   and on tokens with ``removal="drop"``;
 - both on tokens with ``removal="drop"`` and ``grid=7`` (7 × 7 cells of 2 × 2 patches: 49
   features, about as many as the superpixels), in float32 and in bf16 (the bf16 runs are
-  compared with the float32 reference, so their error includes bf16's own);
+  compared with the float32 reference, so their error includes bf16's own), and in
+  float32 with every option of the pixel path (paired, orthogonal arrays or leverage
+  sampling, the logistic surrogate);
 - lime's ``lime_image`` (its own quickshift, same parameters; batch 10, its default);
 - captum ``KernelShap`` on our superpixels (``perturbations_per_eval=1``, its default).
 
@@ -93,6 +95,12 @@ ESTIMATORS: tuple[tuple[str, str, str, dict[str, Any]], ...] = (
      {"space": "token", "removal": "drop", "grid": 7, "precision": "bf16"}),
     ("vitxai LIME token drop paired grid 7 bf16", "vitxai", "lime",
      {"space": "token", "removal": "drop", "paired": True, "grid": 7, "precision": "bf16"}),
+    ("vitxai LIME token drop paired orthogonal logistic grid 7", "vitxai", "lime",
+     {"space": "token", "removal": "drop", "paired": True, "sampling": "orthogonal",
+      "surrogate": "logistic", "grid": 7}),
+    ("vitxai KernelSHAP token drop paired leverage logistic grid 7", "vitxai", "kernel_shap",
+     {"space": "token", "removal": "drop", "paired": True, "sampling": "leverage",
+      "surrogate": "logistic", "grid": 7}),
     ("lime_image", "lime_image", "lime", {}),
     ("captum KernelShap", "captum", "kernel_shap", {}),
 )
@@ -115,7 +123,11 @@ REFERENCE_OF = {"vitxai KernelSHAP pixel": "vitxai KernelSHAP pixel paired",
                 # bf16 runs against the float32 reference: their error includes bf16's
                 "vitxai KernelSHAP token drop paired grid 7 bf16":
                     "vitxai KernelSHAP token drop paired grid 7",
-                "vitxai LIME token drop grid 7 bf16": "vitxai LIME token drop grid 7"}
+                "vitxai LIME token drop grid 7 bf16": "vitxai LIME token drop grid 7",
+                "vitxai LIME token drop paired orthogonal logistic grid 7":
+                    "vitxai LIME token drop grid 7",
+                "vitxai KernelSHAP token drop paired leverage logistic grid 7":
+                    "vitxai KernelSHAP token drop paired grid 7"}
 REFERENCE_SEED = 99
 
 
