@@ -34,7 +34,8 @@ and their actual error. Writes a JSON, a markdown table and a plot.
         --out benchmarks/results/convergence-images-6-11.json
     # the held-out images of several runs as one table (same model, budgets and reference)
     python benchmarks/convergence.py --pool benchmarks/results/convergence-images-12-14.json,\
-    benchmarks/results/convergence-images-15-17.json \
+    benchmarks/results/convergence-images-15-17.json,\
+    benchmarks/results/convergence-images-18-23.json \
         --out benchmarks/results/convergence-held-out.json
     python benchmarks/convergence.py --quick    # smoke test (< 1 min): the numbers mean nothing
 """
